@@ -1,0 +1,1 @@
+"""Alembic revision files (each with upgrade, downgrade and a why-comment)."""
