@@ -1,0 +1,341 @@
+"""The inference engine: the one place a question becomes an answer.
+
+The app, the evaluator, the refine gate and the benchmarks all call `Engine`. It
+knows nothing of users, storage or the UI: it takes images, a question, the
+clinical context, earlier turns, a template and generation settings, and returns
+text. It keeps one base model in memory and any number of LoRA adapters, each
+under a version name; every call picks its version under the generation lock, so
+swapping the default version never disturbs an answer that is streaming.
+
+    engine = Engine.from_settings(Settings.from_env())
+    for chunk in (gen := engine.stream([image], "What is this lesion?")):
+        print(chunk, end="")
+    print(gen.result.version, gen.result.latency_s)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from core.config import GenerationSettings, Settings
+from core.errors import InputError, ModelLoadError
+from core.models import LoadedModel, load_model
+from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, build_messages, check_question
+
+BASE_VERSION = "base"
+
+
+@dataclass
+class Answer:
+    text: str
+    version: str  # the model version that produced it
+    status: str  # complete | stopped | error
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None  # time to first token, from the start of generation
+    latency_s: float  # whole generation
+    generation: dict[str, Any] = field(default_factory=dict)  # the GenerationSettings used
+    template: str = "free"
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Generation:
+    """A running answer: iterate for text chunks, `stop()` to cancel, `result` when done."""
+
+    def __init__(self, run: Callable[["Generation"], None], streamer: TextIteratorStreamer):
+        self._streamer = streamer
+        self._stop = threading.Event()
+        self.result: Answer | None = None
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(run,), daemon=True)
+        self._thread.start()
+
+    def _run(self, run: Callable[["Generation"], None]) -> None:
+        try:
+            run(self)
+        except BaseException as e:  # surfaced to the consumer in __iter__
+            self._exc = e
+            self._streamer.end()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._streamer:
+            if chunk:
+                yield chunk
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+
+    def wait(self) -> Answer:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: Settings | None = None,
+        *,
+        version: str = BASE_VERSION,
+        generate_fn: Callable[..., Any] | None = None,
+    ):
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.info = loaded.info
+        self.settings = settings or Settings()
+        self._lock = threading.Lock()  # one generation at a time: no interleaved output, no double memory
+        self._versions: dict[str, str | None] = {version: None}  # name -> adapter dir (None = bare base)
+        self.default_version = version
+        # ZeroGPU wraps generation in spaces.GPU; everyone else calls model.generate.
+        self._generate = generate_fn or self.model.generate
+        self.supports_system = self._template_supports_system()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, version: str = BASE_VERSION) -> "Engine":
+        loaded = load_model(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            image_splitting=settings.image_splitting,
+            longest_edge=settings.longest_edge,
+        )
+        engine = cls(loaded, settings, version=BASE_VERSION)
+        if adapter is not None:
+            engine.add_adapter(version if version != BASE_VERSION else "adapter", adapter)
+            engine.use(version if version != BASE_VERSION else "adapter")
+        return engine
+
+    # -- versions ---------------------------------------------------------
+    @property
+    def versions(self) -> dict[str, str | None]:
+        return dict(self._versions)
+
+    def add_base_version(self, name: str) -> None:
+        """Another name for the bare base (e.g. the store's "v1" when it has no adapter)."""
+        self._versions[name] = None
+
+    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Load a peft LoRA adapter under `name` without reloading the base."""
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise ModelLoadError(f"adapter not found: {adapter_dir} has no adapter_config.json")
+        if name in self._versions:
+            if self._versions[name] == str(adapter_dir):
+                return
+            raise InputError(f"version {name!r} is already loaded from another place")
+        with self._lock:
+            try:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name, hotswap=False)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ModelLoadError(f"could not load adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
+            self._versions[name] = str(adapter_dir)
+            self._activate(self.default_version)
+
+    def remove_adapter(self, name: str) -> None:
+        if self._versions.get(name) is None:
+            raise InputError(f"{name!r} is not a loaded adapter")
+        if name == self.default_version:
+            raise InputError(f"{name!r} is the default version; use another one first")
+        with self._lock:
+            self.model.delete_adapter(name)
+            del self._versions[name]
+
+    def use(self, name: str) -> None:
+        """Make `name` the version used when a call names none."""
+        if name not in self._versions:
+            raise InputError(f"version {name!r} is not loaded; loaded: {', '.join(self._versions)}")
+        self.default_version = name
+
+    def _activate(self, name: str) -> None:
+        """Point the model at `name` (called with the lock held)."""
+        adapter = self._versions[name]
+        if not getattr(self.model, "_hf_peft_config_loaded", False):
+            assert adapter is None
+            return
+        if adapter is None:
+            self.model.disable_adapters()
+        else:
+            self.model.enable_adapters()
+            self.model.set_adapter(name)
+
+    # -- answering --------------------------------------------------------
+    def stream(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        *,
+        context: ClinicalContext | None = None,
+        history: Sequence[ChatTurn] = (),
+        template: str = "free",
+        generation: GenerationSettings | None = None,
+        version: str | None = None,
+    ) -> Generation:
+        """Start answering; iterate the returned `Generation` for text chunks."""
+        gen = generation or self.settings.generation()
+        version = version or self.default_version
+        if version not in self._versions:
+            raise InputError(f"version {version!r} is not loaded")
+        turn = ChatTurn(check_question(question, self.settings.max_question_chars), None, list(images), context, template)
+        if len(turn.images) > self.settings.max_images:
+            raise InputError(f"{len(turn.images)} images given; at most {self.settings.max_images} per question")
+        inputs = self._encode([[*history, turn]])
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+
+        def run(handle: Generation) -> None:
+            first: list[float] = []
+
+            class _FirstToken(StoppingCriteria):  # records time to first token without a second streamer
+                def __call__(self, input_ids, scores, **kw):
+                    if not first:
+                        first.append(time.perf_counter())
+                    return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+            with self._lock:
+                self._activate(version)
+                start = time.perf_counter()
+                out = self._generate(
+                    **inputs,
+                    **self._generate_kwargs(gen),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_FirstToken(), _StopOnEvent(handle._stop)]),
+                )
+                latency = time.perf_counter() - start
+            new = out[0, prompt_tokens:]
+            handle.result = Answer(
+                text=self._decode(new),
+                version=version,
+                status="stopped" if handle.stopped else "complete",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=int((new != self.processor.tokenizer.pad_token_id).sum()),
+                ttft_s=(first[0] - start) if first else None,
+                latency_s=latency,
+                generation=gen.to_dict(),
+                template=template,
+            )
+
+        return Generation(run, streamer)
+
+    def answer(self, images: Sequence[Image.Image], question: str, **kwargs: Any) -> Answer:
+        """The whole answer at once (same text as `stream` for greedy decoding)."""
+        return self.stream(images, question, **kwargs).wait()
+
+    def answer_batch(
+        self,
+        requests: Sequence[dict[str, Any]],
+        *,
+        generation: GenerationSettings | None = None,
+        version: str | None = None,
+        batch_size: int = 8,
+    ) -> list[Answer]:
+        """Answer many single-turn requests ({images, question, context, template}) in padded batches."""
+        gen = generation or self.settings.generation()
+        version = version or self.default_version
+        answers: list[Answer] = []
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i : i + batch_size]
+            turns = [
+                [ChatTurn(r["question"], None, list(r.get("images") or []), r.get("context"), r.get("template", "free"))]
+                for r in chunk
+            ]
+            inputs = self._encode(turns)
+            with self._lock:
+                self._activate(version)
+                start = time.perf_counter()
+                out = self._generate(**inputs, **self._generate_kwargs(gen))
+                latency = time.perf_counter() - start
+            width = inputs["input_ids"].shape[1]
+            pad = self.processor.tokenizer.pad_token_id
+            for row, req in zip(range(out.shape[0]), chunk):
+                new = out[row, width:]
+                answers.append(
+                    Answer(
+                        text=self._decode(new),
+                        version=version,
+                        status="complete",
+                        prompt_tokens=int((inputs["attention_mask"][row]).sum()),
+                        completion_tokens=int((new != pad).sum()),
+                        ttft_s=None,
+                        latency_s=latency / len(chunk),
+                        generation=gen.to_dict(),
+                        template=req.get("template", "free"),
+                    )
+                )
+        return answers
+
+    # -- internals --------------------------------------------------------
+    def encode_prompt(self, turns: Sequence[ChatTurn], *, add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
+        """The chat-template text and images for `turns` (the trainer uses this too)."""
+        messages, images = build_messages(turns, system=self.supports_system)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return text, images
+
+    def _encode(self, conversations: Sequence[Sequence[ChatTurn]]) -> dict[str, torch.Tensor]:
+        texts, images = [], []
+        for turns in conversations:
+            text, imgs = self.encode_prompt(turns)
+            texts.append(text)
+            images.append(imgs)
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if any(images):
+            if not all(images):
+                raise InputError("in a batch, every request needs at least one image, or none does")
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs)
+        inputs.pop("token_type_ids", None)
+        device, dtype = self.model.device, self.model.dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+    def _generate_kwargs(self, gen: GenerationSettings) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": gen.max_new_tokens,
+            "do_sample": gen.do_sample,
+            "repetition_penalty": gen.repetition_penalty,
+            "pad_token_id": self.processor.tokenizer.pad_token_id,
+        }
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+        else:  # silence the model's own sampling defaults
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _decode(self, ids: torch.Tensor) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _template_supports_system(self) -> bool:
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": SAFETY_INSTRUCTION}]},
+            {"role": "user", "content": [{"type": "text", "text": "?"}]},
+        ]
+        try:
+            return SAFETY_INSTRUCTION in self.processor.apply_chat_template(messages, tokenize=False)
+        except Exception:  # templates that refuse a system role raise their own errors
+            return False

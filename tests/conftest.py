@@ -1,0 +1,100 @@
+"""Shared test setup: offline, isolated, with tiny models built in-process.
+
+- Every socket connection outside loopback fails loudly (a test that tries to reach
+  the hub, a metric hub or anything else on the internet errors at once).
+- HF_HUB_OFFLINE=1 and GRADIO_ANALYTICS_ENABLED=False for this process and its children.
+- DERMALOOP_HOME points at a fresh temp folder in every test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+def _check(address) -> None:
+    if isinstance(address, (str, bytes)):  # AF_UNIX
+        return
+    host = address[0]
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host in ("localhost",):
+            return
+    raise NetworkBlocked(f"tests must not reach the network: connection to {address!r} blocked")
+
+
+def _guarded_connect(self, address):
+    _check(address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _check(address)
+    return _real_connect_ex(self, address)
+
+
+socket.socket.connect = _guarded_connect
+socket.socket.connect_ex = _guarded_connect_ex
+
+
+@pytest.fixture(autouse=True)
+def dermaloop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "dermaloop-home"
+    monkeypatch.setenv("DERMALOOP_HOME", str(home))
+    for name in ("DERMALOOP_DB", "DERMALOOP_MODEL", "DERMALOOP_DEVICE", "DERMALOOP_AUTH_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SmolVLM-architecture model + processor saved offline (built once)."""
+    from core.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-smolvlm"), family="smolvlm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from core.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llava"), family="llava", seed=0)
+
+
+@pytest.fixture
+def tiny_engine(tiny_model_dir: Path):
+    """A fresh engine on the tiny model (loading takes well under a second)."""
+    from core.config import Settings
+    from core.engine import Engine
+    from core.models import load_model
+
+    return Engine(load_model(tiny_model_dir), Settings.from_env(max_new_tokens=16))
+
+
+def draw_lesion(size=(96, 80), colour=(120, 60, 40), background=(225, 190, 160)):
+    """A simple drawn lesion: an ellipse on a skin tone (tests draw their own images)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, background)
+    w, h = size
+    ImageDraw.Draw(img).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colour)
+    return img
