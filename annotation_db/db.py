@@ -46,13 +46,18 @@ def _on_sqlite_connect(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _ensure_sqlite_dir(url: str) -> None:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
+        if path and path != ":memory:" and not path.startswith("file:"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_engine(url: str, **kw) -> Engine:
     """An engine for `url`; SQLite files get WAL, foreign keys and a busy timeout."""
     try:
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[1] if "///" in url else ""
-            if path and path != ":memory:" and not path.startswith("file:"):
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _ensure_sqlite_dir(url)
             connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
             engine = create_engine(url, connect_args=connect_args, **kw)
             event.listen(engine, "connect", _on_sqlite_connect)
@@ -76,6 +81,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at `url` to `revision` (default: the newest), keeping every row."""
     from alembic import command
 
+    make_engine(url).dispose()  # checks the URL, creates the SQLite folder
     command.upgrade(alembic_config(url), revision)
 
 

@@ -1,0 +1,484 @@
+"""The store API: plain functions taking a `Session` first.
+
+What clinicians and experts produce goes in here and nothing is lost: turns keep
+their question, answer, images, template, settings and model version; ratings are
+append-only (re-rating adds a row; the latest row per turn and rater is the
+effective one). Reads for the app (review queue, conversation history) and for
+training (gold pairs) live here too; model versions, training runs, the eval split
+and the refine lock are in `versions.py`, statistics in `stats.py`, and all of them
+are re-exported from here, so `from annotation_db import store` is all a caller needs.
+
+Writes are not committed here: the caller's `Store.session()` / `session_scope()`
+commits the whole unit or rolls it back, so no half-written row is ever kept.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect
+from .errors import InvalidInput, NotFound
+from .models import (
+    Conversation,
+    ConversationImage,
+    Flag,
+    Image,
+    ModelVersion,
+    Rating,
+    RatingKind,
+    Role,
+    Turn,
+    TurnStatus,
+    User,
+)
+
+# ---------------------------------------------------------------- users, images
+
+
+def get_or_create_user(s: Session, name: str, role: str = "expert") -> User:
+    """The user called `name`, created with `role` if new (an existing user keeps their role)."""
+    name = check_text(name, "user name", max_len=200)
+    try:
+        role_ = Role(role)
+    except ValueError:
+        raise InvalidInput(f"unknown role {role!r}; use one of {[r.value for r in Role]}") from None
+    user = s.scalar(select(User).where(User.name == name))
+    if user is None:
+        user = User(name=name, role=role_)
+        s.add(user)
+        s.flush()
+    return user
+
+
+def get_user(s: Session, user_id: int) -> User:
+    user = s.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user with id {user_id}")
+    return user
+
+
+def record_image(s: Session, sha256: str, width: int, height: int, fmt: str = "PNG",
+                 nbytes: int | None = None) -> Image:
+    """Record an image by content hash (idempotent: the same hash returns the same row)."""
+    sha256 = check_hash(sha256)
+    image = s.scalar(select(Image).where(Image.sha256 == sha256))
+    if image is not None:
+        return image
+    width = check_int(width, "image width", lo=1, hi=1_000_000)
+    height = check_int(height, "image height", lo=1, hi=1_000_000)
+    if nbytes is not None:
+        nbytes = check_int(nbytes, "image size in bytes", lo=0, hi=2**31 - 1)
+    fmt = check_text(fmt, "image format", max_len=16)
+    image = Image(sha256=sha256, width=width, height=height, format=fmt, nbytes=nbytes)
+    s.add(image)
+    s.flush()
+    return image
+
+
+# ---------------------------------------------------------- conversations, turns
+
+
+def start_conversation(s: Session, user_id: int, context: dict | None = None) -> Conversation:
+    """A new conversation by `user_id` with its clinical context (age, sex, site...)."""
+    get_user(s, user_id)
+    conv = Conversation(user_id=user_id, context=check_json(context, "clinical context"))
+    s.add(conv)
+    s.flush()
+    return conv
+
+
+def record_turn(
+    s: Session,
+    conversation_id: int,
+    question: str,
+    answer: str,
+    *,
+    image_hashes: Sequence[str] = (),
+    template: str,
+    settings: dict | None = None,
+    model_version_id: int | None,
+    status: str = "complete",
+    latency_s: float | None = None,
+    ttft_s: float | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    error: str | None = None,
+) -> Turn:
+    """Record one question and answer; the images given in this turn are linked to it."""
+    conv = s.get(Conversation, conversation_id)
+    if conv is None:
+        raise NotFound(f"no conversation with id {conversation_id}")
+    question = check_text(question, "question")
+    answer = check_text(answer, "answer", allow_blank=True)
+    template = check_text(template, "prompt template", max_len=200)
+    error = check_text(error, "error", required=False, allow_blank=True)
+    try:
+        status_ = TurnStatus(status)
+    except ValueError:
+        raise InvalidInput(f"unknown turn status {status!r}; use one of {[t.value for t in TurnStatus]}") from None
+    for name, v in (("latency_s", latency_s), ("ttft_s", ttft_s)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise InvalidInput(f"{name} must be a non-negative number of seconds, got {v!r}")
+    for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+        if v is not None:
+            check_int(v, name, lo=0, hi=2**31 - 1)
+    if model_version_id is not None and s.get(ModelVersion, model_version_id) is None:
+        raise NotFound(f"no model version with id {model_version_id}")
+    hashes = check_hashes(image_hashes)
+    images = []
+    for h in hashes:
+        image = s.scalar(select(Image).where(Image.sha256 == h))
+        if image is None:
+            raise NotFound(f"image {h[:12]}… was never recorded; call record_image first")
+        images.append(image)
+    seq = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
+    turn = Turn(
+        conversation_id=conversation_id, seq=seq, question=question, answer=answer,
+        template=template, settings=check_json(settings, "generation settings"),
+        model_version_id=model_version_id, status=status_, latency_s=latency_s, ttft_s=ttft_s,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error,
+    )
+    s.add(turn)
+    s.flush()
+    for pos, image in enumerate(images):
+        s.add(ConversationImage(conversation_id=conversation_id, turn_id=turn.id, image_id=image.id,
+                                position=pos))
+    s.flush()
+    return turn
+
+
+@dataclass(frozen=True)
+class HistoryTurn:
+    turn_id: int
+    seq: int
+    question: str
+    answer: str
+    image_hashes: list[str]  # the images given in this turn
+    status: str
+    model_version_id: int | None
+    created: datetime
+
+
+def _turn_images(s: Session, conversation_ids: Iterable[int]) -> dict[int, list[tuple[int, str]]]:
+    """conversation id -> [(turn seq, image hash)] in the order they were given."""
+    ids = list(set(conversation_ids))
+    out: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for i in range(0, len(ids), 500):
+        rows = s.execute(
+            select(ConversationImage.conversation_id, Turn.seq, Image.sha256)
+            .join(Turn, Turn.id == ConversationImage.turn_id)
+            .join(Image, Image.id == ConversationImage.image_id)
+            .where(ConversationImage.conversation_id.in_(ids[i:i + 500]))
+            .order_by(Turn.seq, ConversationImage.position)
+        )
+        for cid, seq, sha in rows:
+            out[cid].append((seq, sha))
+    return out
+
+
+def images_up_to(per_conv: list[tuple[int, str]], seq: int) -> list[str]:
+    seen: dict[str, None] = {}
+    for turn_seq, sha in per_conv:
+        if turn_seq <= seq:
+            seen.setdefault(sha, None)
+    return list(seen)
+
+
+def conversation_history(s: Session, conversation_id: int) -> list[HistoryTurn]:
+    """The turns of a conversation, oldest first, each with the images given in it."""
+    if s.get(Conversation, conversation_id) is None:
+        raise NotFound(f"no conversation with id {conversation_id}")
+    images = _turn_images(s, [conversation_id])[conversation_id]
+    turns = s.scalars(select(Turn).where(Turn.conversation_id == conversation_id).order_by(Turn.seq))
+    return [
+        HistoryTurn(
+            turn_id=t.id, seq=t.seq, question=t.question, answer=t.answer,
+            image_hashes=[sha for seq, sha in images if seq == t.seq], status=t.status.value,
+            model_version_id=t.model_version_id, created=as_utc(t.created_at),
+        )
+        for t in turns
+    ]
+
+
+# ----------------------------------------------------------------------- ratings
+
+
+def add_rating(
+    s: Session,
+    turn_id: int,
+    rater_id: int,
+    score: int,
+    *,
+    correction: str | None = None,
+    diagnosis: str | None = None,
+    flags: Iterable[str] = (),
+    comment: str | None = None,
+    kind: str = "full",
+) -> Rating:
+    """Append a rating. kind "full": an expert review; "thumbs": score 5 (up) or 1 (down)."""
+    try:
+        kind_ = RatingKind(kind)
+    except ValueError:
+        raise InvalidInput(f"unknown rating kind {kind!r}; use 'full' or 'thumbs'") from None
+    score = check_int(score, "score", lo=1, hi=5)
+    correction = check_text(correction, "correction", required=False)
+    diagnosis = check_text(diagnosis, "diagnosis label", required=False, max_len=200)
+    comment = check_text(comment, "comment", required=False, allow_blank=True)
+    if isinstance(flags, str):
+        flags = [flags]
+    allowed = {f.value for f in Flag}
+    bad = [f for f in flags if f not in allowed]
+    if bad:
+        raise InvalidInput(f"unknown flag {bad[0]!r}; use any of {sorted(allowed)}")
+    if kind_ is RatingKind.thumbs:
+        if score not in (1, 5):
+            raise InvalidInput("a thumbs rating has score 5 (up) or 1 (down)")
+        if correction is not None or diagnosis is not None:
+            raise InvalidInput("a thumbs rating carries no correction or diagnosis; use a full rating")
+    q = select(Turn).where(Turn.id == turn_id)
+    if dialect(s) == "postgresql":
+        q = q.with_for_update()  # one writer per turn, so the expert count stays exact
+    turn = s.scalar(q)
+    if turn is None:
+        raise NotFound(f"no turn with id {turn_id}")
+    rater = get_user(s, rater_id)
+    rating = Rating(
+        turn_id=turn_id, rater_id=rater_id, model_version_id=turn.model_version_id, score=score,
+        correction=correction, diagnosis=diagnosis, flags=sorted(set(flags)), comment=comment,
+        kind=kind_,
+    )
+    s.add(rating)
+    s.flush()
+    if kind_ is RatingKind.full and rater.role is Role.expert:
+        turn.expert_raters = s.scalar(
+            select(func.count(func.distinct(Rating.rater_id)))
+            .join(User, User.id == Rating.rater_id)
+            .where(Rating.turn_id == turn_id, Rating.kind == RatingKind.full, User.role == Role.expert)
+        )
+        s.flush()
+    return rating
+
+
+def effective_ratings(s: Session, turn_id: int, *, kind: str | None = "full") -> list[Rating]:
+    """The latest rating of each rater on a turn (the ones that count)."""
+    latest = select(func.max(Rating.id)).where(Rating.turn_id == turn_id)
+    if kind is not None:
+        latest = latest.where(Rating.kind == RatingKind(kind))
+    latest = latest.group_by(Rating.rater_id)
+    return list(s.scalars(select(Rating).where(Rating.id.in_(latest)).order_by(Rating.id)))
+
+
+# ------------------------------------------------------------------ review queue
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    turn_id: int
+    conversation_id: int
+    question: str
+    answer: str
+    context: dict[str, Any]
+    image_hashes: list[str]  # every image of the conversation up to this turn
+    model_version: str | None  # name, e.g. "v3"
+    model_version_id: int | None
+    created: datetime
+
+
+def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None):
+    own = select(Rating.id).where(Rating.turn_id == Turn.id, Rating.rater_id == rater_id)
+    q = q.where(
+        Turn.expert_raters < need,
+        Turn.status != TurnStatus.error,
+        Conversation.user_id != rater_id,
+        ~own.exists(),
+    )
+    if model_version_id is not None:
+        q = q.where(Turn.model_version_id == model_version_id)
+    return q
+
+
+def review_queue(s: Session, rater_id: int, *, need: int = 1, model_version_id: int | None = None,
+                 limit: int = 1, offset: int = 0) -> list[ReviewItem]:
+    """Turns with fewer than `need` expert reviews, oldest first, that `rater_id` did not
+    ask and has not rated yet (thumbs included)."""
+    check_int(need, "need", lo=1, hi=1000)
+    check_int(limit, "limit", lo=0, hi=10_000)
+    check_int(offset, "offset", lo=0)
+    q = (
+        select(Turn.id, Turn.conversation_id, Turn.seq, Turn.question, Turn.answer,
+               Conversation.context, ModelVersion.name, Turn.model_version_id, Turn.created_at)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id)
+    )
+    rows = s.execute(
+        _queue_filter(q, rater_id, need, model_version_id).order_by(Turn.id).limit(limit).offset(offset)
+    ).all()
+    images = _turn_images(s, [r.conversation_id for r in rows])
+    return [
+        ReviewItem(
+            turn_id=r.id, conversation_id=r.conversation_id, question=r.question, answer=r.answer,
+            context=r.context or {}, image_hashes=images_up_to(images[r.conversation_id], r.seq),
+            model_version=r.name, model_version_id=r.model_version_id, created=as_utc(r.created_at),
+        )
+        for r in rows
+    ]
+
+
+def review_queue_count(s: Session, rater_id: int, *, need: int = 1,
+                       model_version_id: int | None = None) -> int:
+    q = select(func.count()).select_from(Turn).join(Conversation, Conversation.id == Turn.conversation_id)
+    return s.scalar(_queue_filter(q, rater_id, need, model_version_id))
+
+
+# -------------------------------------------------------------------- gold pairs
+
+
+@dataclass(frozen=True)
+class GoldPair:
+    turn_id: int
+    conversation_id: int
+    seq: int  # position in the conversation; earlier turns: conversation_history()
+    image_hashes: list[str]
+    question: str
+    context: dict[str, Any]
+    template: str
+    target: str
+    source: str  # "expert" (a correction) or "accepted" (the model answer, rated well)
+    rating_ids: list[int]
+    model_answer: str
+    model_version_id: int | None
+    created: datetime
+    mean_score: float
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    turn_id: int
+    image_hashes: list[str]
+    question: str
+    context: dict[str, Any]
+    template: str
+    chosen: str  # the expert's correction
+    rejected: str  # the model's answer
+    rating_ids: list[int]
+    model_version_id: int | None
+    created: datetime
+
+
+@dataclass(frozen=True)
+class GoldConflict:
+    turn_id: int
+    rating_ids: list[int]  # the effective ratings whose corrections differ
+    corrections: list[str]
+    chosen_rating_id: int  # the most recent, which wins
+
+
+@dataclass
+class GoldResult:
+    pairs: list[GoldPair] = field(default_factory=list)
+    conflicts: list[GoldConflict] = field(default_factory=list)
+    preference_pairs: list[PreferencePair] = field(default_factory=list)
+    left_out: list[int] = field(default_factory=list)  # turn ids rated below threshold, uncorrected
+
+    @property
+    def rating_ids(self) -> list[int]:
+        return sorted({i for p in self.pairs for i in p.rating_ids})
+
+
+def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str] = ("expert",),
+               since_version_id: int | None = None) -> GoldResult:
+    """Resolve the effective expert ratings of every turn into one training target.
+
+    A correction wins (the most recent if experts disagree: reported as a conflict,
+    and also kept as a preference pair chosen=correction, rejected=model answer);
+    an uncorrected answer whose mean score is >= `accept_threshold` is accepted as it
+    is; the rest are left out. With `since_version_id`, only pairs that version has
+    not learned from (rating ids outside its lineage, ancestors included).
+    """
+    roles_ = [Role(r) for r in roles]
+    latest = (
+        select(func.max(Rating.id))
+        .join(User, User.id == Rating.rater_id)
+        .where(Rating.kind == RatingKind.full, User.role.in_(roles_))
+        .group_by(Rating.turn_id, Rating.rater_id)
+    )
+    rows = s.execute(
+        select(Rating.id, Rating.turn_id, Rating.score, Rating.correction, Turn.conversation_id,
+               Turn.seq, Turn.question, Turn.answer, Turn.template, Turn.status,
+               Turn.model_version_id, Turn.created_at, Conversation.context)
+        .join(Turn, Turn.id == Rating.turn_id)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .where(Rating.id.in_(latest), Turn.status != TurnStatus.error)
+        .order_by(Rating.turn_id, Rating.id)
+    ).all()
+    known: set[int] = set()
+    if since_version_id is not None:
+        from .versions import lineage_rating_ids
+
+        known = lineage_rating_ids(s, since_version_id)
+    by_turn: dict[int, list] = defaultdict(list)
+    for r in rows:
+        by_turn[r.turn_id].append(r)
+    result = GoldResult()
+    chosen_turns = []
+    for turn_id, rs in by_turn.items():
+        ids = [r.id for r in rs]
+        if known and set(ids) <= known:
+            continue
+        corrected = [r for r in rs if r.correction is not None]
+        mean = sum(r.score for r in rs) / len(rs)
+        if corrected:
+            win = corrected[-1]  # ids grow with time: the most recent correction
+            if len({r.correction.strip() for r in corrected}) > 1:
+                result.conflicts.append(GoldConflict(turn_id, [r.id for r in corrected],
+                                                     [r.correction for r in corrected], win.id))
+            chosen_turns.append((rs[0], win.correction, "expert", ids, mean))
+        elif mean >= accept_threshold and rs[0].status is TurnStatus.complete:
+            chosen_turns.append((rs[0], rs[0].answer, "accepted", ids, mean))
+        else:
+            result.left_out.append(turn_id)
+    images = _turn_images(s, [t[0].conversation_id for t in chosen_turns])
+    for r, target, source, ids, mean in chosen_turns:
+        hashes = images_up_to(images[r.conversation_id], r.seq)
+        created = as_utc(r.created_at)
+        result.pairs.append(GoldPair(
+            turn_id=r.turn_id, conversation_id=r.conversation_id, seq=r.seq, image_hashes=hashes,
+            question=r.question, context=r.context or {}, template=r.template, target=target,
+            source=source, rating_ids=ids, model_answer=r.answer, model_version_id=r.model_version_id,
+            created=created, mean_score=mean,
+        ))
+        if source == "expert" and target.strip() != r.answer.strip():
+            result.preference_pairs.append(PreferencePair(
+                turn_id=r.turn_id, image_hashes=hashes, question=r.question, context=r.context or {},
+                template=r.template, chosen=target, rejected=r.answer, rating_ids=ids,
+                model_version_id=r.model_version_id, created=created,
+            ))
+    return result
+
+
+from .stats import agreement, stats_by_version, stats_over_time  # noqa: E402,F401  re-exported
+from .versions import (  # noqa: E402,F401  re-exported
+    acquire_lock,
+    active_version,
+    assign_split,
+    ensure_base_version,
+    finish_training_run,
+    get_split,
+    get_version,
+    lineage,
+    list_versions,
+    promote,
+    register_version,
+    reject,
+    release_lock,
+    retire,
+    rollback,
+    start_training_run,
+)
