@@ -58,6 +58,18 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _FirstToken(StoppingCriteria):
+    """Records when the first new token exists (time to first token) and never stops."""
+
+    def __init__(self, first: list[float]):
+        self.first = first
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if not self.first:
+            self.first.append(time.perf_counter())
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
 class Generation:
     """A running answer: iterate for text chunks, `stop()` to cancel, `result` when done."""
 
@@ -119,7 +131,8 @@ class Engine:
         self.supports_system = self._template_supports_system()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, version: str = BASE_VERSION) -> "Engine":
+    def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
+        """Load `settings.model` (and optionally one adapter, made the default)."""
         loaded = load_model(
             settings.model,
             device=settings.device,
@@ -127,10 +140,10 @@ class Engine:
             image_splitting=settings.image_splitting,
             longest_edge=settings.longest_edge,
         )
-        engine = cls(loaded, settings, version=BASE_VERSION)
+        engine = cls(loaded, settings)
         if adapter is not None:
-            engine.add_adapter(version if version != BASE_VERSION else "adapter", adapter)
-            engine.use(version if version != BASE_VERSION else "adapter")
+            engine.add_adapter(adapter_version, adapter)
+            engine.use(adapter_version)
         return engine
 
     # -- versions ---------------------------------------------------------
@@ -201,52 +214,70 @@ class Engine:
         """Start answering; iterate the returned `Generation` for text chunks."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
+        inputs = self._prepare(images, question, context, history, template, version)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def run(handle: Generation) -> None:
+            handle.result = self._generate_one(inputs, gen, version, template, streamer=streamer, stop=handle._stop)
+
+        return Generation(run, streamer)
+
+    def answer(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        *,
+        context: ClinicalContext | None = None,
+        history: Sequence[ChatTurn] = (),
+        template: str = "free",
+        generation: GenerationSettings | None = None,
+        version: str | None = None,
+    ) -> Answer:
+        """The whole answer at once: the same text as `stream`, without its worker thread."""
+        gen = generation or self.settings.generation()
+        version = version or self.default_version
+        inputs = self._prepare(images, question, context, history, template, version)
+        return self._generate_one(inputs, gen, version, template)
+
+    def _prepare(self, images, question, context, history, template, version) -> dict[str, torch.Tensor]:
         if version not in self._versions:
             raise InputError(f"version {version!r} is not loaded")
         turn = ChatTurn(check_question(question, self.settings.max_question_chars), None, list(images), context, template)
         if len(turn.images) > self.settings.max_images:
             raise InputError(f"{len(turn.images)} images given; at most {self.settings.max_images} per question")
-        inputs = self._encode([[*history, turn]])
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self._encode([[*history, turn]])
+
+    def _generate_one(
+        self,
+        inputs: dict[str, torch.Tensor],
+        gen: GenerationSettings,
+        version: str,
+        template: str,
+        *,
+        streamer: TextIteratorStreamer | None = None,
+        stop: threading.Event | None = None,
+    ) -> Answer:
+        first: list[float] = []
+        criteria = StoppingCriteriaList([_FirstToken(first)] + ([_StopOnEvent(stop)] if stop else []))
         prompt_tokens = int(inputs["input_ids"].shape[1])
-
-        def run(handle: Generation) -> None:
-            first: list[float] = []
-
-            class _FirstToken(StoppingCriteria):  # records time to first token without a second streamer
-                def __call__(self, input_ids, scores, **kw):
-                    if not first:
-                        first.append(time.perf_counter())
-                    return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
-
-            with self._lock:
-                self._activate(version)
-                start = time.perf_counter()
-                out = self._generate(
-                    **inputs,
-                    **self._generate_kwargs(gen),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_FirstToken(), _StopOnEvent(handle._stop)]),
-                )
-                latency = time.perf_counter() - start
-            new = out[0, prompt_tokens:]
-            handle.result = Answer(
-                text=self._decode(new),
-                version=version,
-                status="stopped" if handle.stopped else "complete",
-                prompt_tokens=prompt_tokens,
-                completion_tokens=int((new != self.processor.tokenizer.pad_token_id).sum()),
-                ttft_s=(first[0] - start) if first else None,
-                latency_s=latency,
-                generation=gen.to_dict(),
-                template=template,
-            )
-
-        return Generation(run, streamer)
-
-    def answer(self, images: Sequence[Image.Image], question: str, **kwargs: Any) -> Answer:
-        """The whole answer at once (same text as `stream` for greedy decoding)."""
-        return self.stream(images, question, **kwargs).wait()
+        with self._lock, torch.inference_mode():
+            self._activate(version)
+            start = time.perf_counter()
+            out = self._generate(**inputs, **self._generate_kwargs(gen), streamer=streamer, stopping_criteria=criteria)
+            latency = time.perf_counter() - start
+        new = out[0, prompt_tokens:]
+        stopped = stop is not None and stop.is_set()
+        return Answer(
+            text=self._decode(new),
+            version=version,
+            status="stopped" if stopped else "complete",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=int((new != self.processor.tokenizer.pad_token_id).sum()),
+            ttft_s=(first[0] - start) if first else None,
+            latency_s=latency,
+            generation=gen.to_dict(),
+            template=template,
+        )
 
     def answer_batch(
         self,
@@ -267,7 +298,7 @@ class Engine:
                 for r in chunk
             ]
             inputs = self._encode(turns)
-            with self._lock:
+            with self._lock, torch.inference_mode():
                 self._activate(version)
                 start = time.perf_counter()
                 out = self._generate(**inputs, **self._generate_kwargs(gen))
