@@ -1,0 +1,77 @@
+"""Start the DermaLoop app.
+
+    python -m demo [--host 127.0.0.1] [--port 7860] [--model ID_OR_DIR] [--adapter DIR]
+                   [--db URL] [--home DIR] [--auth-file users.yaml] [--share]
+
+Migrates the database, loads the model (falling back to the offline demo model when
+the configured one cannot be loaded), serves the store's active version and prints
+the URL. Environment variables: those of `core.config.Settings` (DERMALOOP_*),
+DERMALOOP_AUTH_FILE, DERMALOOP_REVIEW_NEED; on Spaces see `demo.spaces`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from demo.spaces import prepare
+
+_T0 = time.perf_counter()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.config import add_settings_args
+
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 on Spaces)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    parser.add_argument("--adapter", default=None, help="serve this LoRA adapter directory as the active version")
+    parser.add_argument("--auth-file", default=None, help="users.yaml with password hashes and roles (DERMALOOP_AUTH_FILE)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--review-need", type=int, default=None, help="expert reviews wanted per answer (default 2)")
+    parser.add_argument("--no-offline-fallback", action="store_true", help="fail instead of using the offline demo model")
+    add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user"))
+    return parser
+
+
+def create(argv: list[str] | None = None):
+    """(demo, launch kwargs) from command-line arguments: what `main` and the Spaces app.py serve."""
+    space = prepare()  # before torch is imported
+    args = build_parser().parse_args(argv)
+    from core.config import settings_from_args
+    from core.errors import DermaLoopError
+    from demo.app import build_demo, launch_kwargs
+    from demo.auth import AuthError, auth_from_env
+    from demo.runtime import DemoOptions, start
+
+    try:
+        settings = settings_from_args(args)
+        auth = auth_from_env(args.auth_file, settings.local_user)
+        need = args.review_need or int(os.environ.get("DERMALOOP_REVIEW_NEED") or 2)
+        options = DemoOptions(review_need=need, offline_fallback=not args.no_offline_fallback)
+        runtime = start(settings, options, adapter=args.adapter, notices=space.notices, zerogpu=space.zerogpu)
+    except (DermaLoopError, AuthError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    demo = build_demo(runtime.settings, auth=auth, options=options, runtime=runtime)
+    kwargs = launch_kwargs(demo, server_name=args.host, server_port=args.port, share=args.share or None)
+    return demo, kwargs
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo, kwargs = create(argv)
+    runtime = demo.dermaloop.runtime
+    print(f"DermaLoop ready in {time.perf_counter() - _T0:.1f} s: model {runtime.engine.info.source} "
+          f"({runtime.engine.info.device}), serving version {runtime.version}"
+          f"{', OFFLINE DEMO MODEL' if runtime.offline else ''}; data in {runtime.settings.home}", flush=True)
+    demo.launch(**kwargs)
+
+
+if __name__ == "__main__":
+    main()

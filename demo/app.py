@@ -1,0 +1,265 @@
+"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate).
+
+    demo = build_demo(settings, engine, store)          # what tests build
+    demo.launch(**launch_kwargs(demo))                  # what `python -m demo` and app.py do
+
+Only wiring lives here: the handlers are in `consult`, `review` and `insights`.
+Generation events share one concurrency slot ("generate", `DemoOptions.concurrency`),
+so the model never runs twice at once and queued users see their position;
+rating, review and insights run in their own slots and never wait behind it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from core.config import Settings
+from core.prompts import FITZPATRICK, MODALITIES, TEMPLATE_LABELS, TEMPLATES
+from demo.auth import AuthConfig, Denied
+from demo.common import FLAG_CHOICES, NOTICE, SCORE_CHOICES, Ctx
+from demo.consult import Case, Consult
+from demo.insights import EXPORT_FORMATS, Insights
+from demo.review import Review, ReviewState
+from demo.runtime import DemoOptions, Runtime, attach
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+CSS = """
+.dl-notice {border-left: 4px solid #2a7ab0; padding: 6px 12px !important; background: rgba(42,122,176,.08);}
+.dl-banner {border-left: 4px solid #d08700; padding: 6px 12px !important; background: rgba(255,196,0,.15);}
+.dl-saved {font-weight: 600;}
+"""
+EXAMPLE_CASES = [
+    ("round-brown-macule.png", "What is this lesion and does it need a biopsy?", 34, "female", "left forearm", "years", "", "III", "clinical"),
+    ("irregular-pigmented-lesion.png", "Describe the morphology and give a differential diagnosis.", 67, "male", "upper back",
+     "4 months, growing", "occasional bleeding", "II", "dermoscopic"),
+    ("red-scaly-plaque.png", "What is the most likely diagnosis and how can it be treated?", 25, "male", "extensor elbow",
+     "6 weeks", "itching", "IV", "clinical"),
+]
+
+
+def _rating_controls(prefix: str) -> tuple:
+    score = gr.Radio(SCORE_CHOICES, label="Score", value=None, elem_id=f"{prefix}-score")
+    correction = gr.Textbox(label="Correction (edit the model's answer; leave unchanged if it is right)", lines=5,
+                            elem_id=f"{prefix}-correction")
+    with gr.Row():
+        diagnosis = gr.Textbox(label="Diagnosis label (optional)", placeholder="e.g. melanoma", scale=1,
+                               elem_id=f"{prefix}-diagnosis")
+        comment = gr.Textbox(label="Comment (optional)", scale=2, elem_id=f"{prefix}-comment")
+    flags = gr.CheckboxGroup(FLAG_CHOICES, label="Flags", elem_id=f"{prefix}-flags")
+    return score, correction, diagnosis, flags, comment
+
+
+def build_demo(
+    settings: Settings,
+    engine: Any = None,
+    store: Any = None,
+    *,
+    auth: AuthConfig | None = None,
+    options: DemoOptions | None = None,
+    runtime: Runtime | None = None,
+) -> gr.Blocks:
+    """The whole app. Give `runtime` (from `demo.runtime.start`) or an engine and a store."""
+    options = options or DemoOptions()
+    if runtime is None:
+        assert engine is not None and store is not None, "build_demo needs a runtime, or an engine and a store"
+        runtime = attach(settings, engine, store, options)
+    auth = auth or AuthConfig.local(settings.local_user)
+    ctx = Ctx(runtime, auth, options)
+    consult, review, insights = Consult(ctx), Review(ctx), Insights(ctx)
+    private: dict[str, Any] = {"api_visibility": "private"}
+
+    with gr.Blocks(title="DermaLoop") as demo:
+        # -- header: on every page ---------------------------------------------------
+        with gr.Row(equal_height=True):
+            gr.Markdown("# DermaLoop\nHuman-in-the-loop dermatology assistant: clinicians ask, experts correct, "
+                        "the model learns.", elem_id="dl-title")
+            who_md = gr.Markdown("", elem_id="dl-who")
+            if auth.mode == "oauth":
+                gr.LoginButton(size="sm", scale=0)
+        gr.Markdown(NOTICE, elem_classes="dl-notice", elem_id="dl-notice")
+        for i, notice in enumerate(runtime.notices):
+            gr.Markdown(notice, elem_classes="dl-banner", elem_id=f"dl-banner-{i}")
+
+        with gr.Tabs():
+            # -- Consult -------------------------------------------------------------------
+            with gr.Tab("Consult", id="consult"):
+                case = gr.State(Case())
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=300):
+                        files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
+                                        file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
+                        template = gr.Dropdown([(TEMPLATE_LABELS.get(k, k), k) for k in TEMPLATES], value="free",
+                                               label="Prompt", elem_id="dl-template")
+                        with gr.Accordion("Clinical context (optional, applies to the whole case)", open=False):
+                            with gr.Row():
+                                age = gr.Number(label="Age (years)", minimum=0, maximum=130, precision=0)
+                                sex = gr.Dropdown(["", "female", "male", "other"], value="", label="Sex")
+                            body_site = gr.Textbox(label="Body site", placeholder="e.g. left forearm")
+                            duration = gr.Textbox(label="Duration", placeholder="e.g. 3 weeks")
+                            symptoms = gr.Textbox(label="Symptoms", placeholder="e.g. itching, bleeding")
+                            with gr.Row():
+                                fitzpatrick = gr.Dropdown(["", *FITZPATRICK], value="", label="Fitzpatrick type")
+                                modality = gr.Dropdown(["", *MODALITIES], value="", label="Image type")
+                    with gr.Column(scale=3, min_width=360):
+                        chatbot = gr.Chatbot(label="Consultation", height=420, elem_id="dl-chat", buttons=["copy"],
+                                             placeholder="Upload one or more images, then ask a question. "
+                                                         "Follow-up questions continue the same case.")
+                        question = gr.Textbox(label="Question", placeholder="e.g. What is this lesion and what should be done?",
+                                              lines=2, max_lines=8, elem_id="dl-question")
+                        with gr.Row():
+                            ask_btn = gr.Button("Ask", variant="primary", elem_id="dl-ask")
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="dl-stop")
+                            new_btn = gr.Button("New case", elem_id="dl-new")
+                context_fields = [age, sex, body_site, duration, symptoms, fitzpatrick, modality]
+                gr.Examples(
+                    [[[str(EXAMPLES_DIR / f)], q, *rest] for f, q, *rest in EXAMPLE_CASES],
+                    inputs=[files, question, *context_fields], label="Example cases (drawn phantoms, not patients)",
+                )
+                thumbs_hint = gr.Markdown("Use 👍 / 👎 under an answer to say whether it helped.", visible=True)
+                with gr.Accordion("Rate the latest answer (experts)", open=True, visible=False) as rate_box:
+                    c_score, c_correction, c_diagnosis, c_flags, c_comment = _rating_controls("consult")
+                    rate_btn = gr.Button("Save rating", variant="primary", elem_id="consult-save")
+                rate_status = gr.Markdown("", elem_id="consult-status", elem_classes="dl-saved")
+
+            # -- Review --------------------------------------------------------------------
+            with gr.Tab("Review", id="review") as review_tab:
+                r_state = gr.State(ReviewState())
+                refused = gr.Markdown("", visible=False, elem_id="review-refused")
+                with gr.Column(visible=False) as review_panel:
+                    with gr.Row(equal_height=True):
+                        counter = gr.Markdown("", elem_id="review-counter")
+                        blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
+                        reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+                    with gr.Row():
+                        gallery = gr.Gallery(label="Images", height=300, columns=2, interactive=False, scale=2)
+                        with gr.Column(scale=3):
+                            r_context = gr.Markdown("", elem_id="review-context")
+                            r_question = gr.Markdown("", elem_id="review-question")
+                            r_answer = gr.Markdown("", elem_id="review-answer", container=True)
+                            r_version = gr.Markdown("", elem_id="review-version")
+                    r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
+                    with gr.Row():
+                        save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
+                        skip_btn = gr.Button("Skip", elem_id="review-skip")
+                    r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+
+            # -- Insights ------------------------------------------------------------------
+            with gr.Tab("Insights", id="insights") as insights_tab:
+                with gr.Row(equal_height=True):
+                    summary = gr.Markdown("", elem_id="insights-summary")
+                    refresh_btn = gr.Button("Refresh", size="sm", scale=0)
+                with gr.Row():
+                    score_plot = gr.BarPlot(x="version", y="mean_score", y_lim=[0, 5], title="Mean expert score (1-5)",
+                                            x_title="model version", y_title="mean score")
+                    share_plot = gr.BarPlot(x="version", y="share", color="measure", y_lim=[0, 1],
+                                            title="Share of rated answers", x_title="model version", y_title="share")
+                trend_plot = gr.LinePlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
+                                         title="Mean expert score over time", x_title="day", y_title="mean score")
+                table = gr.Dataframe(label="Per model version", interactive=False, elem_id="insights-table")
+                with gr.Row():
+                    agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
+                    versions = gr.Dataframe(label="Model versions", interactive=False)
+                runs = gr.Dataframe(label="Refine history (runs, decisions, metrics)", interactive=False)
+                with gr.Accordion("Export the store", open=False, visible=False) as export_box:
+                    with gr.Row():
+                        fmt = gr.Radio(list(EXPORT_FORMATS), value="csv", label="Format")
+                        export_btn = gr.Button("Export", scale=0)
+                    export_files = gr.File(label="Download", file_count="multiple", interactive=False)
+                with gr.Accordion("Roll back the model (admins)", open=False, visible=False) as rollback_box:
+                    with gr.Row():
+                        rb_version = gr.Dropdown([], label="Version to make active again")
+                        rb_reason = gr.Textbox(label="Reason")
+                        rb_btn = gr.Button("Roll back", variant="stop", scale=0)
+                    rb_status = gr.Markdown("")
+
+        # -- the named API (hidden components; documented in docs/api.md) ---------------------
+        with gr.Column(visible=False):
+            api_images = gr.File(file_count="multiple", type="filepath", label="images")
+            api_question = gr.Textbox(label="question")
+            api_context = gr.Textbox(label="context")
+            api_conversation = gr.Textbox(label="conversation_id")
+            api_answer = gr.Textbox(label="answer")
+            api_conv_out = gr.Number(label="conversation_id", precision=0)
+            api_turn_out = gr.Number(label="turn_id", precision=0)
+            api_version = gr.Textbox(label="model_version")
+            api_turn_in = gr.Number(label="turn_id", precision=0)
+            api_score = gr.Number(label="score", precision=0)
+            api_correction = gr.Textbox(label="correction")
+            api_diagnosis = gr.Textbox(label="diagnosis")
+            api_comment = gr.Textbox(label="comment")
+            api_rating = gr.Number(label="rating_id", precision=0)
+            api_ask_btn = gr.Button("ask")
+            api_rate_btn = gr.Button("rate")
+
+        # -- wiring ----------------------------------------------------------------------------
+        generate = {"concurrency_limit": options.concurrency, "concurrency_id": "generate"}
+        gr.on([ask_btn.click, question.submit], consult.ask,
+              inputs=[case, files, question, *context_fields, template],
+              outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **private)
+        stop_btn.click(consult.stop, None, None, queue=False, **private)
+        new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **private)
+        chatbot.like(consult.like, [case], [rate_status], **private)
+        rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],
+                       api_name="consult_rate", **private)
+
+        review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
+                      r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
+        review_tab.select(review.open, [r_state, blind], review_out, **private)
+        reload_btn.click(review.load, [r_state, blind], review_out, **private)
+        blind.change(review.load, [r_state, blind], review_out, **private)
+        save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
+                       review_out, **private)
+        skip_btn.click(review.skip, [r_state, blind], review_out, **private)
+
+        insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, versions, rb_version, summary]
+        insights_tab.select(insights.refresh, None, insights_out, **private)
+        refresh_btn.click(insights.refresh, None, insights_out, **private)
+        export_btn.click(insights.export, [fmt], [export_files], **private)
+        rb_btn.click(insights.rollback, [rb_version, rb_reason], [rb_status], **private)
+
+        api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
+                          [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
+        api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment],
+                           [api_rating], api_name="rate")
+
+        def on_load(request: gr.Request):
+            """Show each person what their role allows (the handlers check again, server-side)."""
+            try:
+                who = auth.identify(request)
+            except Denied as e:
+                return (f"_{str(e).capitalize()}._", gr.update(visible=False), gr.update(visible=False),
+                        gr.update(visible=True, value="Sign in to review answers."), gr.update(visible=False),
+                        gr.update(visible=False), gr.update(visible=False))
+            logout = " · [Sign out](logout)" if auth.mode == "password" else ""
+            line = f"Signed in as **{who.name}** ({who.role}){logout}<br>Serving model **{runtime.version}**"
+            refusal = (f"The Review tab is for expert raters. You are signed in as **{who.name}**, a {who.role}: "
+                       "access refused.")
+            return (line, gr.update(visible=who.can_rate), gr.update(visible=not who.can_rate),
+                    gr.update(visible=not who.can_rate, value=refusal), gr.update(visible=who.can_rate),
+                    gr.update(visible=who.can_rate), gr.update(visible=who.is_admin))
+
+        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box], **private)
+    demo.queue(default_concurrency_limit=16)
+    demo.dermaloop = ctx  # type: ignore[attr-defined]  # for tests and launch_kwargs
+    return demo
+
+
+def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of `demo.launch` that the app needs (auth, limits, styling)."""
+    ctx: Ctx = demo.dermaloop  # type: ignore[attr-defined]
+    kwargs: dict[str, Any] = {
+        "max_file_size": ctx.settings.max_upload_bytes,
+        "allowed_paths": [str(EXAMPLES_DIR)],
+        "css": CSS,
+        "theme": gr.themes.Soft(primary_hue="teal"),
+        "footer_links": ["api", "settings"],
+        "run_history": False,  # never keep clinical questions in the browser
+    }
+    if ctx.auth.mode == "password":
+        kwargs["auth"] = ctx.auth.check_password
+        kwargs["auth_message"] = "DermaLoop: research use only. Sign in with the account your administrator gave you."
+    kwargs.update(overrides)
+    return kwargs

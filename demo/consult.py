@@ -1,0 +1,296 @@
+"""Consult: a clinician's images, context and question become a streamed, recorded answer.
+
+Plain handlers (`Consult(ctx).ask`, `.stop`, `.new_case`, `.like`, `.rate`) and the two
+named API endpoints (`.api_ask` = /ask, `.api_rate` = /rate). Each validates all of
+its input before anything is stored; every turn is recorded with its images
+(content hashes), context, answer, model version, settings and latency.
+"""
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import gradio as gr
+
+from annotation_db import store as st
+from annotation_db.errors import NotFound
+from core.errors import InputError
+from core.images import StoredImage, intake_many, load_stored
+from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
+from demo.auth import Denied, Identity
+from demo.common import Ctx, ensure_user, parse_id, parse_score, save_rating, user_errors
+
+log = logging.getLogger("dermaloop.demo")
+
+
+@dataclass
+class PastTurn:
+    question: str
+    answer: str
+    image_hashes: list[str]
+    template: str
+
+
+@dataclass
+class Case:
+    """One consultation in one browser tab (a gr.State): the conversation so far."""
+
+    conversation_id: int | None = None
+    context: dict = field(default_factory=dict)
+    turns: list[PastTurn] = field(default_factory=list)
+    image_hashes: list[str] = field(default_factory=list)  # every image given so far
+    messages: list[dict] = field(default_factory=list)  # what the chat view shows
+    turn_ids: dict[int, int] = field(default_factory=dict)  # chat message index -> turn id
+    last_turn_id: int | None = None
+    last_answer: str = ""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    conversation_id: int
+    turn_id: int
+    version: str
+    status: str
+
+
+def footer(version: str, latency_s: float, status: str) -> str:
+    parts = [f"model {version}", f"{latency_s:.1f} s"]
+    if status != "complete":
+        parts.append(f"**{status}**")
+    return "\n\n— _" + " · ".join(parts) + "_"
+
+
+def context_from_form(age: Any, sex: Any, body_site: Any, duration: Any, symptoms: Any, fitzpatrick: Any, modality: Any) -> ClinicalContext:
+    return ClinicalContext.from_dict(
+        {"age": age, "sex": sex, "body_site": body_site, "duration": duration, "symptoms": symptoms,
+         "fitzpatrick": fitzpatrick, "modality": modality}
+    )
+
+
+def context_from_json(text: str | None) -> ClinicalContext:
+    if text is None or not str(text).strip():
+        return ClinicalContext()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"the context is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(data, dict):
+        raise InputError('the context must be a JSON object, e.g. {"age": 54, "body_site": "back"}')
+    return ClinicalContext.from_dict(data)
+
+
+def file_paths(files: Any) -> list[Any]:
+    """gr.File values (paths, dicts or FileData) as what core's intake accepts."""
+    if files is None:
+        return []
+    if not isinstance(files, (list, tuple)):
+        files = [files]
+    out = []
+    for f in files:
+        if isinstance(f, dict):
+            f = f.get("path") or f.get("name")
+        elif hasattr(f, "path"):
+            f = f.path
+        if f:
+            out.append(f)
+    return out
+
+
+class Consult:
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self._running: dict[str, Any] = {}  # session -> the Generation streaming for it (for Stop)
+        self._lock = threading.Lock()
+
+    # -- shared by the page and the API ------------------------------------------
+    def _intake(self, files: Any) -> list[StoredImage]:
+        s = self.ctx.settings
+        return intake_many(file_paths(files), s.images_dir, max_images=s.max_images, max_pixels=s.max_pixels,
+                           max_bytes=s.max_upload_bytes)
+
+    def _history(self, turns: list[PastTurn], context: ClinicalContext) -> list[ChatTurn]:
+        images_dir = self.ctx.settings.images_dir
+        return [
+            ChatTurn(t.question, t.answer, [load_stored(images_dir, h) for h in t.image_hashes],
+                     context if i == 0 else None, t.template)
+            for i, t in enumerate(turns)
+        ]
+
+    def _record(self, who: Identity, conversation_id: int | None, context: ClinicalContext, question: str,
+                images: list[StoredImage], answer, error: str | None = None) -> Recorded:
+        version_id = self.ctx.runtime.version_id(answer.version)
+        with self.ctx.store.session() as s:
+            user = ensure_user(s, who)
+            if conversation_id is None:
+                conversation_id = st.start_conversation(s, user.id, context.to_dict()).id
+            for img in images:
+                st.record_image(s, img.sha256, img.width, img.height, "PNG", img.nbytes)
+            turn = st.record_turn(
+                s, conversation_id, question, answer.text, image_hashes=[i.sha256 for i in images],
+                template=answer.template, settings=answer.generation, model_version_id=version_id,
+                status="error" if error else answer.status, latency_s=answer.latency_s, ttft_s=answer.ttft_s,
+                prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens, error=error,
+            )
+            turn_id = turn.id
+        log.info("turn %s (conversation %s) by %s: %s, %s, %.1f s", turn_id, conversation_id, who.name,
+                 answer.version, answer.status, answer.latency_s)
+        return Recorded(conversation_id, turn_id, answer.version, "error" if error else answer.status)
+
+    def _new_images(self, stored: list[StoredImage], known: list[str]) -> list[StoredImage]:
+        seen, out = set(known), []
+        for img in stored:
+            if img.sha256 not in seen:
+                seen.add(img.sha256)
+                out.append(img)
+        return out
+
+    # -- the page -----------------------------------------------------------------
+    def ask(self, case: Case, files: Any, question: str, age: Any, sex: Any, body_site: Any, duration: Any,
+            symptoms: Any, fitzpatrick: Any, modality: Any, template: str,
+            request: gr.Request) -> Iterator[tuple]:
+        """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status)."""
+        with user_errors():
+            who = self.ctx.auth.identify(request)
+            question = check_question(question, self.ctx.settings.max_question_chars)
+            template = template or "free"
+            if template not in TEMPLATES:
+                raise InputError(f"unknown template {template!r}")
+            if case.conversation_id is None:
+                context = context_from_form(age, sex, body_site, duration, symptoms, fitzpatrick, modality)
+            else:
+                context = ClinicalContext.from_dict(case.context)
+            images = self._new_images(self._intake(files), case.image_hashes)
+            if len(images) > self.ctx.settings.max_images:
+                raise InputError(f"{len(images)} images given; at most {self.ctx.settings.max_images} per question")
+            history = self._history(case.turns, context)
+            self.ctx.runtime.sync()
+            gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if case.turns else context,
+                                          history=history, template=template)
+        key = getattr(request, "session_hash", None) or "direct"
+        self._running[key] = gen
+        shown = question if not images else f"{question}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
+        messages = case.messages + [{"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
+        text, error = "", None
+        try:
+            yield messages, case, gr.update(), gr.update(), gr.update(value="Answering…")
+            for chunk in gen:
+                text += chunk
+                messages[-1] = {"role": "assistant", "content": text + " ▌"}
+                yield messages, case, gr.update(), gr.update(), gr.update()
+        except Exception as e:  # the model failed mid-answer: record what there is, say so
+            log.exception("generation failed")
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            self._running.pop(key, None)
+        answer = gen.result
+        if answer is None:  # failed before a result existed
+            from core.engine import Answer
+
+            answer = Answer(text.strip(), self.ctx.runtime.version, "error", 0, 0, None, 0.0, template=template)
+        with user_errors():
+            rec = self._record(who, case.conversation_id, context, question, images, answer, error)
+        case.conversation_id = rec.conversation_id
+        case.context = context.to_dict()
+        case.turns.append(PastTurn(question, answer.text, [i.sha256 for i in images], template))
+        case.image_hashes += [i.sha256 for i in images]
+        messages[-1] = {"role": "assistant", "content": (answer.text or "_(no answer)_") + footer(rec.version, answer.latency_s, rec.status)}
+        case.turn_ids[len(messages) - 1] = rec.turn_id
+        case.messages = messages
+        case.last_turn_id, case.last_answer = rec.turn_id, answer.text
+        if error:
+            raise gr.Error(f"The model failed while answering; the partial answer was kept. ({error})")
+        status = f"Answer #{rec.turn_id} from model **{rec.version}**" + (" (stopped)" if rec.status == "stopped" else "") + ": rate it below."
+        yield messages, case, gr.update(value=""), gr.update(value=answer.text), gr.update(value=status)
+
+    def stop(self, request: gr.Request) -> None:
+        gen = self._running.get(getattr(request, "session_hash", None) or "direct")
+        if gen is not None:
+            gen.stop()
+
+    def new_case(self) -> tuple:
+        """Clear the conversation (outputs: messages, case, files, question, correction, rating status)."""
+        return [], Case(), None, "", "", ""
+
+    def like(self, case: Case, data: gr.LikeData, request: gr.Request) -> str:
+        """Thumbs up/down on an answer in the chat: a quick rating from anyone."""
+        with user_errors():
+            who = self.ctx.auth.identify(request)
+            index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+            turn_id = case.turn_ids.get(int(index))
+            if turn_id is None:
+                raise InputError("only an answer can be rated, once it has finished")
+            if data.liked in (True, "Like"):
+                score, word = 5, "👍"
+            elif data.liked in (False, "Dislike"):
+                score, word = 1, "👎"
+            else:
+                return gr.update()
+            with self.ctx.store.session() as s:
+                rater = ensure_user(s, who)
+                rating_id = st.add_rating(s, turn_id, rater.id, score, kind="thumbs").id
+        gr.Info(f"{word} saved for answer #{turn_id}")
+        return f"{word} saved for answer #{turn_id} (rating #{rating_id})."
+
+    def rate(self, case: Case, score: Any, correction: str, diagnosis: str, flags: list, comment: str,
+             request: gr.Request) -> str:
+        """An expert's full rating of the latest answer; the rater is the signed-in user."""
+        with user_errors():
+            who = self.ctx.auth.require_rater(request)
+            if case.last_turn_id is None:
+                raise InputError("ask a question first: there is no answer to rate yet")
+            saved = save_rating(self.ctx, who, case.last_turn_id, score, correction=correction,
+                                model_answer=case.last_answer, diagnosis=diagnosis, flags=flags, comment=comment)
+        gr.Info(saved.message)
+        return saved.message
+
+    # -- the named API -------------------------------------------------------------
+    def api_ask(self, images: Any, question: str, context: str, conversation_id: Any,
+                request: gr.Request) -> tuple[str, int, int, str]:
+        """/ask: (images, question, context JSON, conversation id or empty) -> (answer, conversation id, turn id, version)."""
+        with user_errors():
+            who = self.ctx.auth.identify(request)
+            question = check_question(question, self.ctx.settings.max_question_chars)
+            turns: list[PastTurn] = []
+            known: list[str] = []
+            if conversation_id in (None, "") or str(conversation_id).strip() == "":
+                cid = None
+                ctx_obj = context_from_json(context)
+            else:
+                cid = parse_id(conversation_id, "conversation id")
+                ctx_obj, turns = self._load_conversation(cid, who)
+                known = [h for t in turns for h in t.image_hashes]
+            images = self._new_images(self._intake(images), known)
+            self.ctx.runtime.sync()
+            gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if turns else ctx_obj,
+                                          history=self._history(turns, ctx_obj))
+            for _ in gen:
+                pass
+            answer = gen.result
+            rec = self._record(who, cid, ctx_obj, question, images, answer)
+        return answer.text, rec.conversation_id, rec.turn_id, rec.version
+
+    def _load_conversation(self, cid: int, who: Identity) -> tuple[ClinicalContext, list[PastTurn]]:
+        from annotation_db.models import Conversation  # read-only: owner, context and templates
+
+        with self.ctx.store.session() as s:
+            conv = s.get(Conversation, cid)
+            if conv is None:
+                raise NotFound(f"no conversation with id {cid}")
+            if conv.user.name != who.name:
+                raise Denied(f"conversation {cid} belongs to another user")
+            templates = {t.id: t.template for t in conv.turns}
+            history = st.conversation_history(s, cid)
+            context = dict(conv.context or {})
+        turns = [PastTurn(h.question, h.answer, h.image_hashes, templates.get(h.turn_id, "free")) for h in history]
+        return ClinicalContext.from_dict(context), turns
+
+    def api_rate(self, turn_id: Any, score: Any, correction: str, diagnosis: str, comment: str,
+                 request: gr.Request) -> int:
+        """/rate: (turn id, score 1-5, correction, diagnosis, comment) -> rating id, as the signed-in expert."""
+        with user_errors():
+            who = self.ctx.auth.require_rater(request)
+            saved = save_rating(self.ctx, who, parse_id(turn_id, "turn id"), parse_score(score), correction=correction,
+                                diagnosis=diagnosis, comment=comment)
+        return saved.id

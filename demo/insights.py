@@ -1,0 +1,125 @@
+"""Insights: how each model version does, how much raters agree, what refinement did.
+
+`Insights(ctx).refresh` returns the tables and plot data (pandas DataFrames for
+gr.BarPlot / gr.LinePlot / gr.Dataframe), `.export` writes the store through
+`annotation_db.export` into a fresh temporary folder and returns the files to
+download, `.rollback` (admins only) re-activates an earlier version.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from annotation_db import export as exporter
+from annotation_db import store as st
+from core.errors import InputError
+from demo.common import Ctx, user_errors
+
+EXPORT_FORMATS = ("csv", "jsonl", "parquet")
+SHARES = [("share_corrected", "corrected"), ("share_unsafe", "unsafe"), ("share_hallucination", "hallucination"),
+          ("thumbs_up_share", "thumbs up")]
+RUN_COLUMNS = ["run", "started", "status", "version", "decision", "pairs", "metrics"]
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if pd.isna(value) else round(value, 3)
+    return value
+
+
+def refine_history(s) -> pd.DataFrame:
+    """One row per training run: when, outcome, the version it produced and its decision, metrics."""
+    lister = getattr(st, "list_training_runs", None)
+    produced = {v.training_run_id: v for v in st.list_versions(s) if v.training_run_id is not None}
+    runs = list(lister(s)) if lister else [v.training_run for v in produced.values() if v.training_run is not None]
+    rows = []
+    for run in sorted(runs, key=lambda r: r.id):
+        version = produced.get(run.id)
+        report = run.report or {}
+        decision = report.get("decision") or (version.status.value if version is not None else run.status.value)
+        metrics = report.get("metrics") or (version.metrics if version is not None else None) or {}
+        counts = run.counts or {}
+        rows.append({
+            "run": run.id,
+            "started": run.created_at.strftime("%Y-%m-%d %H:%M") if run.created_at else "",
+            "status": run.status.value,
+            "version": version.name if version is not None else "",
+            "decision": str(decision),
+            "pairs": ", ".join(f"{k}: {v}" for k, v in counts.items()) if isinstance(counts, dict) else str(counts),
+            "metrics": json.dumps(metrics, default=str)[:300] if metrics else "",
+        })
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def versions_table(s) -> pd.DataFrame:
+    rows = [{"version": v.name, "status": v.status.value, "adapter": v.adapter_path or "(base)",
+             "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+             "reason": v.status_reason or ""} for v in st.list_versions(s)]
+    return pd.DataFrame(rows, columns=["version", "status", "adapter", "created", "reason"])
+
+
+class Insights:
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+
+    def data(self) -> dict[str, Any]:
+        """Every figure of the tab, as DataFrames (handy for tests and the API alike)."""
+        with self.ctx.store.session() as s:
+            by_version = st.stats_by_version(s)
+            over_time = st.stats_over_time(s, "D")
+            agreement = st.agreement(s)
+            runs = refine_history(s)
+            versions = versions_table(s)
+        table = by_version.drop(columns=["version_id"]).map(_fmt)
+        scores = by_version[["version", "mean_score", "answers"]].dropna(subset=["mean_score"])
+        shares = pd.DataFrame(
+            [{"version": r["version"], "measure": label, "share": float(r[col])}
+             for _, r in by_version.iterrows() for col, label in SHARES if pd.notna(r[col])],
+            columns=["version", "measure", "share"],
+        )
+        trend = over_time[["period", "version", "mean_score"]].dropna() if len(over_time) else pd.DataFrame(
+            columns=["period", "version", "mean_score"])
+        agree = pd.DataFrame([{"measure": k.replace("_", " "), "value": _fmt(v) if v is not None else "n/a"}
+                              for k, v in agreement.items()], columns=["measure", "value"])
+        return {"table": table, "scores": scores, "shares": shares, "trend": trend, "agreement": agree,
+                "runs": runs, "versions": versions}
+
+    def refresh(self, request: gr.Request) -> tuple:
+        """Outputs: table, mean score plot, shares plot, trend plot, agreement, runs, versions, rollback choices, summary."""
+        with user_errors():
+            who = self.ctx.auth.identify(request)
+            d = self.data()
+        total = int(d["table"]["answers"].sum()) if len(d["table"]) else 0
+        rated = int(d["table"]["rated_answers"].sum()) if len(d["table"]) else 0
+        summary = f"**{total}** answers recorded, **{rated}** with expert ratings; serving model **{self.ctx.runtime.version}**."
+        choices = list(d["versions"]["version"])
+        return (d["table"], d["scores"], d["shares"], d["trend"], d["agreement"], d["runs"], d["versions"],
+                gr.update(choices=choices, value=None, interactive=who.is_admin), summary)
+
+    def export(self, fmt: str, request: gr.Request) -> list[str]:
+        """Write the store as `fmt` files (turns, ratings, gold pairs, preference pairs) for download."""
+        with user_errors():
+            self.ctx.auth.require_rater(request)
+            if fmt not in EXPORT_FORMATS:
+                raise InputError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
+            out = Path(tempfile.mkdtemp(prefix="dermaloop-export-"))
+            counts = exporter.export(self.ctx.store, fmt, out)
+        gr.Info("Exported " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+        return sorted(str(p) for p in out.iterdir() if p.is_file())
+
+    def rollback(self, version: str, reason: str, request: gr.Request) -> str:
+        """Admins only: make an earlier version active again (the current one is marked rejected)."""
+        with user_errors():
+            who = self.ctx.auth.require_admin(request)
+            if not version:
+                raise InputError("choose the version to roll back to")
+            with self.ctx.store.session() as s:
+                v = st.rollback(s, version, reason=(reason or "").strip() or f"rolled back by {who.name}")
+                name = v.name
+            served = self.ctx.runtime.sync(force=True)
+        gr.Info(f"{name} is the active version again")
+        return f"✅ {name} is active again (now serving {served})."

@@ -1,0 +1,252 @@
+"""Start-up and the running model: store, engine, offline fallback, hot version swap.
+
+`start(settings)` opens (and migrates) the store, loads the configured base model
+or, when it cannot be loaded, the offline demonstration model, then serves the
+store's active version. `Runtime.sync()` is called before each answer (at most
+every `poll_s` seconds it asks the store which version is active, one small query)
+and swaps the adapter without a restart; an answer that is streaming keeps the
+version it started with, because the engine picks its version under its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from annotation_db import store as st
+from annotation_db.db import Store
+from annotation_db.errors import StoreError
+from core.config import Settings
+from core.engine import Answer, Engine
+from core.errors import DermaLoopError, ModelLoadError
+from core.models import load_model
+
+log = logging.getLogger("dermaloop.demo")
+
+OFFLINE_BANNER = (
+    "**Offline demonstration model.** The configured model could not be loaded, so answers come from a tiny "
+    "model trained on drawn lesion phantoms. They carry **no clinical meaning**. Rating, review and refinement "
+    "work as usual."
+)
+
+
+@dataclass
+class DemoOptions:
+    """What only the app needs (everything else is in `core.config.Settings`)."""
+
+    review_need: int = 2  # expert reviews wanted per answer (2: inter-rater agreement is measurable)
+    poll_s: float = 3.0  # how often, at most, to ask the store for a newly active version
+    offline_fallback: bool = True  # use the offline demo model when the base model cannot be loaded
+    concurrency: int = 1  # answers generated at once (1 on CPU: the model is not run twice at once)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    store: Store
+    offline: bool = False
+    notices: list[str] = field(default_factory=list)  # shown on every page (offline, no persistent storage...)
+    poll_s: float = 3.0
+    stream_fn: Callable[..., Iterator[Any]] | None = None  # ZeroGPU: generation inside spaces.GPU
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[str, int] = {}  # engine version name -> store version id
+        self._failed: dict[str, float] = {}  # version name -> when loading it failed (retried after a minute)
+        self._checked = float("-inf")
+
+    # -- versions -------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self.engine.default_version
+
+    def version_id(self, name: str) -> int | None:
+        return self._ids.get(name)
+
+    def sync(self, force: bool = False) -> str:
+        """Serve the store's active version (loading its adapter if new); returns the version served."""
+        if not force and time.monotonic() - self._checked < self.poll_s:
+            return self.engine.default_version
+        with self._lock:
+            self._checked = time.monotonic()
+            try:
+                with self.store.session() as s:
+                    v = st.active_version(s)
+                    active = None if v is None else (v.id, v.name, v.adapter_path)
+            except StoreError as e:  # the store is away: keep serving what we have
+                log.warning("could not read the active version: %s", e)
+                return self.engine.default_version
+            if active is None:
+                return self.engine.default_version
+            vid, name, adapter = active
+            if name == self.engine.default_version:
+                return name
+            if time.monotonic() - self._failed.get(name, float("-inf")) < 60:
+                return self.engine.default_version
+            try:
+                if name not in self.engine.versions:
+                    if adapter:
+                        self.engine.add_adapter(name, self._adapter_dir(adapter))
+                    else:
+                        self.engine.add_base_version(name)
+                self.engine.use(name)
+            except DermaLoopError as e:
+                self._failed[name] = time.monotonic()
+                log.warning("cannot serve the active version %s: %s; still serving %s", name, e, self.engine.default_version)
+                return self.engine.default_version
+            self._ids[name] = vid
+            log.info("now serving model version %s", name)
+            return name
+
+    def _adapter_dir(self, adapter: str) -> Path:
+        path = Path(adapter).expanduser()
+        if path.is_absolute() or path.exists():
+            return path
+        for root in (self.settings.home, self.settings.models_dir):
+            if (root / path).exists():
+                return root / path
+        return path
+
+    # -- answering -------------------------------------------------------------
+    def stream(self, images: Sequence[Any], question: str, **kwargs: Any):
+        """A running answer: iterate for text, `.stop()`, `.result` (an `Answer`) when done."""
+        if self.stream_fn is None:
+            return self.engine.stream(images, question, **kwargs)
+        return _RemoteGeneration(self.stream_fn(self.engine, list(images), question, kwargs), self.engine.default_version)
+
+
+class _RemoteGeneration:
+    """A generation running elsewhere (ZeroGPU's worker): chunks, then the Answer, come back over a pipe.
+
+    Stop cannot reach the worker, so it stops reading and keeps the text so far.
+    """
+
+    def __init__(self, chunks: Iterator[Any], version: str):
+        self._chunks, self._stopped, self._text = chunks, False, []
+        self.result: Answer | None = None
+        self._version, self._start = version, time.perf_counter()
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._chunks:
+            if isinstance(item, Answer):
+                self.result = item
+            elif self._stopped:
+                break
+            else:
+                self._text.append(item)
+                yield item
+        if self.result is None:
+            text = "".join(self._text).strip()
+            self.result = Answer(text, self._version, "stopped", 0, 0, None, time.perf_counter() - self._start)
+
+
+def stream_in_worker(engine: Engine, images: list, question: str, kwargs: dict) -> Iterator[Any]:
+    """What runs inside `spaces.GPU`: stream the chunks, then yield the Answer (all picklable)."""
+    gen = engine.stream(images, question, **kwargs)
+    for chunk in gen:
+        yield chunk
+    yield gen.result
+
+
+# -- start-up -------------------------------------------------------------------
+
+
+def load_engine(settings: Settings, *, offline_fallback: bool = True, progress: Callable[[str], None] = print) -> tuple[Engine, Settings, bool]:
+    """(engine, the settings it runs with, offline?) for the configured model or the offline demo model."""
+    def load(source: str):
+        return load_model(source, device=settings.device, dtype=settings.dtype,
+                          image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
+
+    try:
+        return Engine(load(settings.model), settings), settings, False
+    except ModelLoadError as e:
+        if not offline_fallback:
+            raise
+        progress(f"{e}\nFalling back to the offline demonstration model (built once, then cached).")
+    base_dir = offline_base_dir(settings, progress)
+    offline_settings = settings.replace(model=str(base_dir))
+    return Engine(load(str(base_dir)), offline_settings), offline_settings, True
+
+
+def offline_base_dir(settings: Settings, progress: Callable[[str], None] = print) -> Path:
+    """The offline demo model's base directory: `training.demo_model` when present (it also registers
+    its trained adapter as the active version), else an untrained tiny model cached in the data directory."""
+    try:
+        from training.demo_model import ensure_demo_model
+    except ImportError:
+        ensure_demo_model = None
+    if ensure_demo_model is not None:
+        return Path(ensure_demo_model(settings, progress=progress).base_dir)
+    from core.tiny import build_tiny_model  # fallback until the trained demo model exists
+
+    out = settings.models_dir / "offline-demo-base"
+    if not (out / "config.json").exists():
+        progress(f"building the offline demo model in {out} ...")
+        build_tiny_model(out, family="smolvlm", seed=0)
+    return out
+
+
+def start(
+    settings: Settings,
+    options: DemoOptions | None = None,
+    *,
+    adapter: str | Path | None = None,
+    notices: Sequence[str] = (),
+    zerogpu: bool = False,
+    progress: Callable[[str], None] = print,
+) -> Runtime:
+    """Migrate the store, load the model (or the offline one), serve the active version."""
+    options = options or DemoOptions()
+    store = Store.open(settings.db_url, migrate=True)
+    engine, settings, offline = load_engine(settings, offline_fallback=options.offline_fallback, progress=progress)
+    return attach(settings, engine, store, options, adapter=adapter, offline=offline, notices=notices, zerogpu=zerogpu)
+
+
+def attach(
+    settings: Settings,
+    engine: Engine,
+    store: Store,
+    options: DemoOptions | None = None,
+    *,
+    adapter: str | Path | None = None,
+    offline: bool = False,
+    notices: Sequence[str] = (),
+    zerogpu: bool = False,
+) -> Runtime:
+    """A Runtime around an engine and a store that exist already (what tests build)."""
+    options = options or DemoOptions()
+    with store.session() as s:
+        if adapter is not None:
+            _register_adapter(s, settings.model, Path(adapter))
+        st.ensure_base_version(s, settings.model)
+    stream_fn = None
+    if zerogpu:
+        import spaces  # imported before CUDA was touched by demo.spaces.prepare()
+
+        stream_fn = spaces.GPU(duration=120)(stream_in_worker)
+    runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn,
+                      notices=([OFFLINE_BANNER] if offline else []) + list(notices))
+    runtime.sync(force=True)
+    return runtime
+
+
+def _register_adapter(s, base_model: str, adapter: Path) -> None:
+    """`--adapter DIR`: serve it as the active version (registered once, found again by its path)."""
+    path = str(adapter.expanduser().resolve())
+    if not (Path(path) / "adapter_config.json").exists():
+        raise ModelLoadError(f"adapter not found: {path} has no adapter_config.json")
+    for v in st.list_versions(s):
+        if v.adapter_path == path:
+            st.promote(s, v.id, forced=True, reason="served with --adapter")
+            return
+    active = st.active_version(s)
+    st.register_version(s, base_model=base_model, adapter_path=path, parent_id=active.id if active else None,
+                        status="active", note="served with --adapter")
