@@ -220,7 +220,7 @@ def validate(content: str, record, kinds: tuple[str, ...]) -> list[tuple[str, st
             raise InvalidReply("a pair is not an object")
         kind, q, a = p.get("kind"), p.get("question"), p.get("answer")
         if kind not in kinds:
-            raise InvalidReply(f"unexpected kind {kind!r}")
+            continue  # a kind nobody asked for: dropped, not fatal
         if not isinstance(q, str) or not isinstance(a, str) or not q.strip() or not a.strip():
             raise InvalidReply("empty or non-string question/answer")
         if kind == "diagnosis":
