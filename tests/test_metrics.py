@@ -119,6 +119,9 @@ def test_repetition_flags_copied_answers_and_passes_varied_ones():
     good = m.compute(predictions=varied, groups=[f"img{i}" for i in range(6)])
     assert good["repetition_rate"] == 0.0 and good["largest_copy_group"] == 1
     assert good["distinct_1"] > bad["distinct_1"] and good["distinct_2"] > bad["distinct_2"]
+    same_class = m.compute(predictions=["Most likely psoriasis."] * 2 + ["Most likely impetigo."], groups=["a", "b", "c"],
+                           expected=["Most likely psoriasis."] * 2 + ["Most likely impetigo."])
+    assert same_class["repetition_rate"] == 0.0  # two images whose references agree may share an answer
     same_image = m.compute(predictions=["Eczema."] * 3, groups=["img0"] * 3)  # one image asked thrice: not a copy
     assert same_image["repetition_rate"] == 0.0
 

@@ -103,5 +103,6 @@ def compute_all(
             out[name] = m.compute(predictions=predictions, references=labs, synonyms=syn)
         elif name == "repetition":
             grp = list(groups) if groups is not None else [str(i) for i in range(len(predictions))]
-            out[name] = m.compute(predictions=predictions, groups=grp, threshold=repetition_threshold)
+            expected = [r[0] if r else "" for r in references]
+            out[name] = m.compute(predictions=predictions, groups=grp, threshold=repetition_threshold, expected=expected)
     return out

@@ -4,7 +4,10 @@ The MEDIQA-MAGIC failure: a fine-tuned small VLM answered 10 of 78 test images
 with a copy of one training answer. An answer is "repeated" when its normalised
 text (lower case, punctuation removed) is at least `threshold` similar (rapidfuzz
 ratio, 0-100) to an answer given for a *different* image (`groups` names the
-image or image set of each answer). distinct-n = unique n-grams / all n-grams
+image or image set of each answer). When `expected` (the reference answer of each
+item) is given, two items whose expected answers are themselves near-identical
+(two images of the same class, answered the same way by design) are not counted
+as a copy: a perfect model scores 0. distinct-n = unique n-grams / all n-grams
 over all answers (low = the same words again and again).
 """
 
@@ -36,12 +39,13 @@ class Repetition(evaluate.Metric):
             description="Share of answers near-identical to an answer for a different image; distinct-1/2.",
             citation="",
             inputs_description="predictions: list of str. groups: list of str (image key of each answer). "
-            "threshold: similarity 0-100 (default 90). Returns repetition_rate, distinct_1, distinct_2, "
+            "threshold: similarity 0-100 (default 90); expected: optional list of str (reference answers; items whose "
+            "references are near-identical may share an answer). Returns repetition_rate, distinct_1, distinct_2, "
             "largest_copy_group, most_repeated_answer, per_example.",
             features=datasets.Features({"predictions": datasets.Value("string"), "groups": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, groups, threshold=90.0):
+    def _compute(self, predictions, groups, threshold=90.0, expected=None):
         norm = [normalise(p) for p in predictions]
         n = len(norm)
         repeated = [False] * n
@@ -49,7 +53,12 @@ class Repetition(evaluate.Metric):
             sim = process.cdist(norm, norm, scorer=fuzz.ratio, workers=1)
             ids = {g: k for k, g in enumerate(dict.fromkeys(groups))}
             key = np.array([ids[g] for g in groups])
-            repeated = [bool(x) for x in ((sim >= threshold) & (key[:, None] != key[None, :])).any(axis=1)]
+            copies = (sim >= threshold) & (key[:, None] != key[None, :])
+            if expected is not None:
+                assert len(expected) == n
+                exp = [normalise(e) for e in expected]
+                copies &= process.cdist(exp, exp, scorer=fuzz.ratio, workers=1) < threshold
+            repeated = [bool(x) for x in copies.any(axis=1)]
         copies = Counter()
         images_per_text = {}
         for text, g in zip(norm, groups):
