@@ -167,7 +167,7 @@ class Consult:
             history = self._history(case.turns, context)
             self.ctx.runtime.sync()
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if case.turns else context,
-                                          history=history, template=template)
+                                          history=history, template=template, generation=self.ctx.settings.generation())
         key = getattr(request, "session_hash", None) or "direct"
         self._running[key] = gen
         shown = question if not images else f"{question}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
@@ -264,7 +264,7 @@ class Consult:
             images = self._new_images(self._intake(images), known)
             self.ctx.runtime.sync()
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if turns else ctx_obj,
-                                          history=self._history(turns, ctx_obj))
+                                          history=self._history(turns, ctx_obj), generation=self.ctx.settings.generation())
             for _ in gen:
                 pass
             answer = gen.result

@@ -1,0 +1,338 @@
+"""The app's handlers called directly, with the tiny model and a temporary store.
+
+Consult (ask, stream, stop, follow-up, new case, thumbs, rating), Review (queue,
+blind, skip, counter), Insights (figures, export, rollback), roles enforced
+server-side, and every kind of bad input: a clear message and nothing stored.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+import pytest
+from conftest import draw_lesion
+
+from annotation_db import store as st
+from annotation_db.db import Store
+from core.config import Settings
+from demo.auth import AuthConfig, UserEntry
+from demo.common import Ctx
+from demo.consult import Case, Consult
+from demo.insights import Insights
+from demo.review import Review, ReviewState
+from demo.runtime import DemoOptions, attach
+
+USERS = {"eve": "expert", "max": "expert", "cara": "clinician", "ada": "admin"}
+
+
+def req(name: str | None = None, session: str = "s1"):
+    return SimpleNamespace(username=name, session_hash=session)
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path) -> Settings:
+    return Settings.from_env(model=str(tiny_model_dir), max_new_tokens=8)
+
+
+@pytest.fixture
+def store(settings: Settings):
+    s = Store.open(settings.db_url)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def ctx(settings, tiny_engine, store) -> Ctx:
+    auth = AuthConfig(mode="password", users={n: UserEntry(r, "$2b$04$x") for n, r in USERS.items()})
+    options = DemoOptions(review_need=2, poll_s=0)
+    return Ctx(attach(settings, tiny_engine, store, options), auth, options)
+
+
+def save_png(path: Path, img=None) -> str:
+    (img or draw_lesion()).save(path)
+    return str(path)
+
+
+def ask(consult: Consult, case: Case, files, question: str, who: str = "eve", session: str = "s1", **context):
+    fields = [context.get(k) for k in ("age", "sex", "body_site", "duration", "symptoms", "fitzpatrick", "modality")]
+    outs = list(consult.ask(case, files, question, *fields, context.get("template", "free"), req(who, session)))
+    return outs
+
+
+def counts(store: Store) -> dict[str, int]:
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        f = frames(s)
+    return {"turns": len(f["turns"]), "ratings": len(f["ratings"])}
+
+
+# ---------------------------------------------------------------------------- consult
+
+
+def test_ask_streams_records_and_shows_version(ctx, tmp_path, store):
+    consult, case = Consult(ctx), Case()
+    outs = ask(consult, case, [save_png(tmp_path / "a.png")], "What is this lesion?", age=54, sex="female",
+               body_site="back", fitzpatrick="III", modality="clinical")
+    assert len(outs) >= 3  # a placeholder, at least one streamed chunk, the final answer
+    messages, case_out, question_box, correction, status = outs[-1]
+    assert messages[0]["role"] == "user" and "What is this lesion?" in messages[0]["content"]
+    assert messages[-1]["role"] == "assistant" and "model v1" in messages[-1]["content"]
+    assert correction["value"] == case.last_answer  # the correction box is pre-filled with the answer
+    assert "v1" in status["value"] and question_box["value"] == ""
+    with store.session() as s:
+        turns = st.conversation_history(s, case.conversation_id)
+        assert len(turns) == 1 and turns[0].answer == case.last_answer and len(turns[0].image_hashes) == 1
+        assert turns[0].model_version_id == st.active_version(s).id
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        row = frames(s)["turns"].iloc[0]
+    assert row["context"] == {"age": 54, "sex": "female", "body_site": "back", "fitzpatrick": "III", "modality": "clinical"}
+    assert row["latency_s"] > 0 and row["settings"]["max_new_tokens"] == 8 and row["user_role"] == "expert"
+    stored = list((ctx.settings.images_dir).rglob("*.png"))
+    assert len(stored) == 1 and "a.png" not in stored[0].name  # content-addressed, no file name kept
+
+
+def test_follow_up_continues_the_case_with_the_same_images(ctx, tmp_path, store):
+    consult, case = Consult(ctx), Case()
+    files = [save_png(tmp_path / "a.png")]
+    ask(consult, case, files, "What is this lesion?")
+    first = case.conversation_id
+    messages = ask(consult, case, files, "Is it dangerous?", age=99)[-1][0]  # same upload still in the box
+    assert case.conversation_id == first and len(messages) == 4 and len(case.turns) == 2
+    assert case.turns[1].image_hashes == []  # the image belongs to the first turn; not sent twice
+    with store.session() as s:
+        history = st.conversation_history(s, first)
+    assert [t.seq for t in history] == [0, 1]
+    assert case.context == {}  # context is taken when the case starts; later edits do not rewrite it
+    new = consult.new_case()
+    assert new[0] == [] and new[1].conversation_id is None
+
+
+def test_stop_keeps_the_partial_answer_marked_stopped(tiny_model_dir, tiny_engine, store, tmp_path):
+    settings = Settings.from_env(model=str(tiny_model_dir), max_new_tokens=400)
+    ctx = Ctx(attach(settings, tiny_engine, store), AuthConfig.local(), DemoOptions())
+    consult, case = Consult(ctx), Case()
+    stream = consult.ask(case, [save_png(tmp_path / "a.png")], "Describe it", *[None] * 7, "free", req(session="tab"))
+    next(stream)  # the placeholder
+    next(stream)  # the first chunk
+    consult.stop(req(session="tab"))
+    outs = list(stream)
+    messages = outs[-1][0]
+    assert "stopped" in messages[-1]["content"]
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        row = frames(s)["turns"].iloc[0]
+    assert row["status"] == "stopped" and row["completion_tokens"] < 400
+
+
+def test_thumbs_from_anyone_and_full_ratings_only_from_raters(ctx, tmp_path, store):
+    consult, case = Consult(ctx), Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "What is this?", who="cara")
+    like = SimpleNamespace(index=1, value=None, liked=True)
+    assert "saved" in consult.like(case, like, req("cara"))
+    with pytest.raises(gr.Error, match="only an answer"):
+        consult.like(case, SimpleNamespace(index=0, value=None, liked=False), req("cara"))
+    with pytest.raises(gr.Error, match="clinician"):
+        consult.rate(case, 4, "a better answer", "", [], "", req("cara"))
+    assert counts(store)["ratings"] == 1
+    # An expert's rating: the rater is the signed-in user; an unchanged pre-filled correction is no correction.
+    msg = consult.rate(case, 4, case.last_answer, "nevus", ["incomplete"], "ok", req("eve"))
+    assert "saved" in msg and "correction" not in msg
+    msg = consult.rate(case, 2, "Benign naevus; reassure.", "", [], "", req("eve"))
+    assert "with your correction" in msg
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        ratings = frames(s)["ratings"]
+    assert list(ratings["kind"]) == ["thumbs", "full", "full"]
+    assert pd.isna(ratings["correction"].iloc[1]) and ratings["correction"].iloc[2] == "Benign naevus; reassure."
+    assert ratings["diagnosis"].iloc[1] == "nevus" and list(ratings["flags"].iloc[1]) == ["incomplete"]
+    with pytest.raises(gr.Error, match="score"):
+        consult.rate(case, None, "", "", [], "", req("eve"))
+    with pytest.raises(gr.Error, match="ask a question first"):
+        consult.rate(Case(), 3, "", "", [], "", req("eve"))
+    with pytest.raises(gr.Error, match="sign in"):
+        consult.rate(case, 3, "", "", [], "", req(None))
+
+
+def _bomb(path: Path) -> str:
+    from PIL import Image
+
+    Image.new("1", (12_000, 12_000)).save(path)  # 144 MP, a few KB on disk
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case_name, make_files, question, context, message",
+    [
+        ("not an image", lambda d: [str(_write(d / "notes.png", b"patient notes, not pixels"))], "What is it?", {}, "not an image"),
+        ("corrupt image", lambda d: [str(_write(d / "broken.png", _png_bytes()[:60]))], "What is it?", {}, "truncated|corrupt|not an image"),
+        ("empty file", lambda d: [str(_write(d / "empty.png", b""))], "What is it?", {}, "empty"),
+        ("enormous image", lambda d: [_bomb(d / "huge.png")], "What is it?", {}, "too large"),
+        ("too many images", lambda d: [save_png(d / f"{i}.png") for i in range(5)], "What is it?", {}, "at most 4"),
+        ("empty question", lambda d: [save_png(d / "a.png")], "   ", {}, "empty"),
+        ("100 000 characters", lambda d: [save_png(d / "a.png")], "x" * 100_000, {}, "100,000 characters"),
+        ("impossible age", lambda d: [save_png(d / "a.png")], "What is it?", {"age": 300}, "age"),
+        ("unknown Fitzpatrick type", lambda d: [save_png(d / "a.png")], "What is it?", {"fitzpatrick": "VII"}, "Fitzpatrick"),
+        ("unknown template", lambda d: [save_png(d / "a.png")], "What is it?", {"template": "nope"}, "template"),
+    ],
+)
+def test_bad_input_gives_a_clear_message_and_stores_nothing(ctx, tmp_path, store, case_name, make_files, question, context, message):
+    consult, case = Consult(ctx), Case()
+    with pytest.raises(gr.Error, match=message):
+        ask(consult, case, make_files(tmp_path), question, **context)
+    assert counts(store) == {"turns": 0, "ratings": 0}
+    assert not list(ctx.settings.images_dir.rglob("*.png")) if ctx.settings.images_dir.exists() else True
+    assert case.conversation_id is None and case.messages == []
+    # ... and the app keeps serving: the next good question works.
+    ask(consult, case, [save_png(tmp_path / "ok.png")], "What is it?")
+    assert counts(store)["turns"] == 1
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    draw_lesion().save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_api_handlers_ask_follow_up_rate_and_refuse(ctx, tmp_path, store):
+    consult = Consult(ctx)
+    answer, cid, tid, version = consult.api_ask([save_png(tmp_path / "a.png")], "What is it?", '{"age": 40, "body_site": "arm"}', "", req("eve"))
+    assert version == "v1" and cid >= 1 and tid >= 1
+    _, cid2, tid2, _ = consult.api_ask([], "And the treatment?", "", str(cid), req("eve"))
+    assert cid2 == cid and tid2 != tid
+    with pytest.raises(gr.Error, match="another user"):
+        consult.api_ask([], "Let me see", "", str(cid), req("max"))
+    rating_id = consult.api_rate(tid, 5, "", "", "", req("max"))
+    assert rating_id >= 1
+    for bad, msg in [((tid, 9, "", "", ""), "1 to 5"), ((999, 3, "", "", ""), "no turn"), (("x", 3, "", "", ""), "turn id")]:
+        with pytest.raises(gr.Error, match=msg):
+            consult.api_rate(*bad, req("max"))
+    with pytest.raises(gr.Error, match="clinician"):
+        consult.api_rate(tid, 3, "", "", "", req("cara"))
+    for ctx_text, msg in [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), ('{"colour": "red"}', "unknown context")]:
+        with pytest.raises(gr.Error, match=msg):
+            consult.api_ask([save_png(tmp_path / "a.png")], "What?", ctx_text, "", req("eve"))
+    assert counts(store) == {"turns": 2, "ratings": 1}
+
+
+# ----------------------------------------------------------------------------- review
+
+
+def test_review_queue_one_at_a_time_blind_skip_and_refused_for_clinicians(ctx, tmp_path, store):
+    consult = Consult(ctx)
+    for i, who in enumerate(("eve", "cara", "cara")):
+        ask(consult, Case(), [save_png(tmp_path / f"{i}.png", draw_lesion(colour=(40 * i, 60, 40)))], f"Question {i}?", who=who)
+    review, state = Review(ctx), ReviewState()
+    out = review.load(state, False, req("max"))
+    assert "**3** answers left" in out[1] and len(out[2]) == 1 and "Question 0?" in out[4] and "v1" in out[6]
+    assert out[8] == state.answer  # correction pre-filled with the model's answer
+    first = state.turn_id
+    out = review.skip(state, True, req("max"))
+    assert state.turn_id != first and "1 skipped" in out[1] and "hidden" in out[6] and "v1" not in out[6]
+    out = review.save(state, True, 3, "A corrected answer.", "psoriasis", ["wrong_diagnosis"], "", req("max"))
+    assert "saved" in out[-1] and "**2** answers left" in out[1]
+    out = review.save(state, True, 4, state.answer, "", [], "", req("max"))
+    assert "Only skipped" in out[4]
+    # eve asked the first question: her own answer is not in her queue; the others are.
+    out = review.load(ReviewState(), False, req("eve"))
+    assert "**2** answers left" in out[1]
+    with pytest.raises(gr.Error, match="clinician"):
+        review.load(ReviewState(), False, req("cara"))
+    with pytest.raises(gr.Error, match="no answer on screen"):
+        review.save(ReviewState(), False, 3, "", "", [], "", req("max"))
+
+
+# ---------------------------------------------------------------------------- insights
+
+
+def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
+    consult = Consult(ctx)
+    case = Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?", who="cara")
+    consult.rate(case, 2, "Better.", "eczema", ["hallucination"], "", req("eve"))
+    consult.rate(case, 4, "", "eczema", [], "", req("max"))
+    insights = Insights(ctx)
+    d = insights.data()
+    row = d["table"].set_index("version").loc["v1"]
+    assert row["answers"] == 1 and row["mean_score"] == 3.0 and row["share_corrected"] == 0.5
+    assert set(d["shares"]["measure"]) >= {"corrected", "hallucination"}
+    assert list(d["scores"]["version"]) == ["v1"] and len(d["trend"]) == 1
+    assert dict(zip(d["agreement"]["measure"], d["agreement"]["value"]))["units"] == 1
+    outs = insights.refresh(req("cara"))  # everyone may look
+    assert "**1** answers recorded" in outs[-1] and outs[-2]["interactive"] is False
+    for fmt in ("csv", "jsonl", "parquet"):
+        files = insights.export(fmt, req("eve"))
+        assert {Path(f).name for f in files} == {f"{t}.{fmt}" for t in ("turns", "ratings", "gold_pairs", "preference_pairs")}
+    with pytest.raises(gr.Error, match="clinician"):
+        insights.export("csv", req("cara"))
+    with pytest.raises(gr.Error, match="format"):
+        insights.export("xlsx", req("eve"))
+    with store.session() as s:
+        v2 = st.register_version(s, base_model=ctx.settings.model, status="active").name
+    assert ctx.runtime.sync(force=True) == v2
+    with pytest.raises(gr.Error, match="only admins"):
+        insights.rollback("v1", "", req("eve"))
+    assert "v1 is active again" in insights.rollback("v1", "worse answers", req("ada"))
+    assert ctx.runtime.version == "v1"
+    with store.session() as s:
+        assert st.get_version(s, v2).status.value == "rejected"
+
+
+# ---------------------------------------------------------------------------- hot swap
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter for the tiny model (random B, so its answers differ from the base's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_model
+
+    model = load_model(tiny_model_dir).model
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_a_newly_promoted_version_answers_the_next_question(ctx, tmp_path, store, tiny_adapter_dir):
+    consult, case = Consult(ctx), Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?")
+    assert "model v1" in case.messages[-1]["content"]
+    with store.session() as s:
+        cand = st.register_version(s, base_model=ctx.settings.model, adapter_path=str(tiny_adapter_dir),
+                                   parent_id=st.active_version(s).id)
+        st.promote(s, cand.id, reason="better on the held-out set")
+    ask(consult, case, [], "And now?")  # a follow-up in the same case: the new version answers it
+    assert "model v2" in case.messages[-1]["content"]
+    with store.session() as s:
+        history = st.conversation_history(s, case.conversation_id)
+        assert [st.get_version(s, t.model_version_id).name for t in history] == ["v1", "v2"]
+    assert ctx.runtime.engine.versions["v2"] == str(tiny_adapter_dir)
+
+
+def test_a_broken_active_version_keeps_the_current_one_serving(ctx, tmp_path, store):
+    with store.session() as s:
+        st.register_version(s, base_model=ctx.settings.model, adapter_path=str(tmp_path / "missing"), status="active")
+    assert ctx.runtime.sync(force=True) == "v1"
+    consult, case = Consult(ctx), Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "Still answering?")
+    assert "model v1" in case.messages[-1]["content"]
