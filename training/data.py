@@ -28,7 +28,7 @@ import csv
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -191,59 +191,49 @@ def write_jsonl(examples: Iterable[Example], path: str | Path, *, append: bool =
 
 def read_jsonl(path: str | Path, *, check_images_exist: bool = True, default_source: str = "expert") -> tuple[list[Example], list[Problem]]:
     path = _existing(path)
-    examples, problems, seen = [], [], set()
+
+    def build(item: tuple[int, str]) -> Example:
+        lineno, line = item
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON ({e.msg})") from None
+        return Example.from_dict(row, path.parent, default_id=f"{path.stem}-{lineno}", default_source=default_source)
+
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno}"
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"not valid JSON ({e.msg})") from None
-                ex = Example.from_dict(row, path.parent, default_id=f"{path.stem}-{lineno}", default_source=default_source)
-                _finish(ex, seen, check_images_exist)
-            except DataError as e:
-                problems.append(Problem(str(path), where, str(e)))
-                continue
-            examples.append(ex)
-    return examples, problems
+        items = ((f"line {n}", (n, line)) for n, line in enumerate(f, 1) if line.strip())
+        return _collect(path, items, build, check_images_exist)
 
 
 # ---------------------------------------------------------------- CSV
 
 def read_csv(path: str | Path, *, check_images_exist: bool = True, default_source: str = "expert") -> tuple[list[Example], list[Problem]]:
     path = _existing(path)
-    examples, problems, seen = [], [], set()
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or ())
         if not ({"image", "images"} & cols and "question" in cols and {"answer", "answers"} & cols):
             raise DataError(f"{path}: a CSV needs the columns image (or images), question and answer (or answers)")
-        for row in reader:
-            where = f"line {reader.line_num}"
-            try:
-                d: dict[str, Any] = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
-                images = d.pop("images", None) or d.pop("image", None) or ""
-                d["images"] = [p.strip() for p in images.split(";") if p.strip()]
-                answers = d.pop("answers", None) or d.pop("answer", None) or ""
-                if answers.startswith("["):
-                    try:
-                        answers = json.loads(answers)
-                    except json.JSONDecodeError:
-                        raise DataError("'answers' is not a valid JSON list") from None
-                d["answers"] = answers
-                ctx = {k: d.pop(k) for k in CONTEXT_FIELDS if k in d}
-                if not d.get("context"):
-                    d["context"] = {k: v for k, v in ctx.items() if v}
-                ex = Example.from_dict(d, path.parent, default_id=f"{path.stem}-{reader.line_num}", default_source=default_source)
-                _finish(ex, seen, check_images_exist)
-            except DataError as e:
-                problems.append(Problem(str(path), where, str(e)))
-                continue
-            examples.append(ex)
-    return examples, problems
+
+        def build(item: tuple[int, dict]) -> Example:
+            lineno, row = item
+            d: dict[str, Any] = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+            images = d.pop("images", None) or d.pop("image", None) or ""
+            d["images"] = [p.strip() for p in images.split(";") if p.strip()]
+            answers = d.pop("answers", None) or d.pop("answer", None) or ""
+            if answers.startswith("["):
+                try:
+                    answers = json.loads(answers)
+                except json.JSONDecodeError:
+                    raise DataError("'answers' is not a valid JSON list") from None
+            d["answers"] = answers
+            ctx = {k: d.pop(k) for k in CONTEXT_FIELDS if k in d}
+            if not d.get("context"):
+                d["context"] = {k: v for k, v in ctx.items() if v}
+            return Example.from_dict(d, path.parent, default_id=f"{path.stem}-{lineno}", default_source=default_source)
+
+        items = ((f"line {reader.line_num}", (reader.line_num, row)) for row in reader)
+        return _collect(path, items, build, check_images_exist)
 
 
 # ---------------------------------------------------------------- datasets on disk
@@ -281,35 +271,30 @@ def read_hf(
             raise DataError(f"{path}: no split {split!r}; splits: {', '.join(names)}")
         ds = ds[split]
     images_dir = Path(images_dir) if images_dir else _default_images_dir()
-    examples, problems, seen = [], [], set()
     cols = set(ds.column_names)
     if not ({"image", "images"} & cols and "question" in cols and {"answer", "answers"} & cols):
         raise DataError(f"{path}: the dataset needs the columns image (or images), question and answer (or answers)")
-    for i, row in enumerate(ds):
-        where = f"row {i}"
-        try:
-            imgs = row.pop("images", None) if "images" in row else row.pop("image", None)
-            if imgs is None:
-                imgs = []
-            elif not isinstance(imgs, list):
-                imgs = [imgs]
-            paths = []
-            for img in imgs:
-                if isinstance(img, str):
-                    paths.append(str(_resolve(img, path)))
-                    continue
-                try:
-                    paths.append(str(intake(img, images_dir).path))
-                except DermaLoopError as e:
-                    raise DataError(f"image: {e}") from None
-            row["images"] = paths
-            ex = Example.from_dict(row, path, default_id=f"{path.name}-{i}", default_source=default_source)
-            _finish(ex, seen, check=any(isinstance(x, str) for x in imgs))
-        except DataError as e:
-            problems.append(Problem(str(path), where, str(e)))
-            continue
-        examples.append(ex)
-    return examples, problems
+
+    def build(item: tuple[int, dict]) -> Example:
+        i, row = item
+        imgs = row.pop("images", None) if "images" in row else row.pop("image", None)
+        imgs = [] if imgs is None else imgs if isinstance(imgs, list) else [imgs]
+        paths = []
+        for img in imgs:
+            if isinstance(img, str):  # a path column rather than decoded images
+                paths.append(str(_resolve(img, path)))
+                continue
+            try:
+                paths.append(str(intake(img, images_dir).path))
+            except DermaLoopError as e:
+                raise DataError(f"image: {e}") from None
+        row["images"] = paths
+        ex = Example.from_dict(row, path, default_id=f"{path.name}-{i}", default_source=default_source)
+        if any(isinstance(x, str) for x in imgs):
+            check_images(ex)
+        return ex
+
+    return _collect(path, ((f"row {i}", (i, row)) for i, row in enumerate(ds)), build, False)
 
 
 # ---------------------------------------------------------------- MEDIQA-MAGIC / DermaVQA
@@ -328,42 +313,39 @@ def read_mediqa(
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of encounters")
     folders = [Path(images_dir)] if images_dir else _mediqa_image_folders(path)
-    examples, problems, seen = [], [], set()
-    for i, enc in enumerate(data):
+
+    def build(item: tuple[int, Any]) -> Example:
+        i, enc = item
+        if not isinstance(enc, dict):
+            raise DataError("an encounter must be an object")
+        image_ids = enc.get("image_ids")
+        if isinstance(image_ids, str):
+            image_ids = [image_ids]
+        if not isinstance(image_ids, list) or not image_ids:
+            raise DataError("'image_ids' must be a non-empty list")
+        images = [_find_image(str(name), folders) for name in image_ids]
+        title, content = enc.get("query_title_en") or "", enc.get("query_content_en") or ""
+        if not isinstance(title, str) or not isinstance(content, str):
+            raise DataError("'query_title_en' and 'query_content_en' must be strings")
+        responses = enc.get("responses")
+        if not isinstance(responses, list):
+            raise DataError("'responses' must be a list")
+        ranked = []
+        for j, r in enumerate(responses):
+            if not isinstance(r, dict) or not isinstance(r.get("content_en", ""), str):
+                raise DataError(f"response {j} must be an object with a string content_en")
+            if (r.get("content_en") or "").strip():
+                ranked.append((-_number(r.get("completeness")), j, r["content_en"].strip()))
+        question = ". ".join(s.strip().rstrip(".") for s in (title, content) if s.strip())
+        d = {"id": enc.get("encounter_id") or f"{path.stem}-{i}", "images": images, "question": question + "." if question else "",
+             "answers": [text for *_, text in sorted(ranked)], "source": "expert", "template": template}
+        return Example.from_dict(d, None)
+
+    def where(i: int, enc: Any) -> str:
         enc_id = enc.get("encounter_id") if isinstance(enc, dict) else None
-        where = f"encounter {enc_id}" if enc_id else f"encounter #{i}"
-        try:
-            if not isinstance(enc, dict):
-                raise DataError("an encounter must be an object")
-            image_ids = enc.get("image_ids")
-            if isinstance(image_ids, str):
-                image_ids = [image_ids]
-            if not isinstance(image_ids, list) or not image_ids:
-                raise DataError("'image_ids' must be a non-empty list")
-            images = [_find_image(str(name), folders) for name in image_ids]
-            title, content = enc.get("query_title_en") or "", enc.get("query_content_en") or ""
-            if not isinstance(title, str) or not isinstance(content, str):
-                raise DataError("'query_title_en' and 'query_content_en' must be strings")
-            responses = enc.get("responses")
-            if not isinstance(responses, list):
-                raise DataError("'responses' must be a list")
-            ranked = []
-            for j, r in enumerate(responses):
-                if not isinstance(r, dict) or not isinstance(r.get("content_en", ""), str):
-                    raise DataError(f"response {j} must be an object with a string content_en")
-                if (r.get("content_en") or "").strip():
-                    ranked.append((-_number(r.get("completeness")), j, r["content_en"].strip()))
-            answers = [text for *_, text in sorted(ranked)]
-            question = ". ".join(s.strip().rstrip(".") for s in (title, content) if s.strip())
-            d = {"id": enc_id or f"{path.stem}-{i}", "images": images, "question": question + "." if question else "",
-                 "answers": answers, "source": "expert", "template": template}
-            ex = Example.from_dict(d, None)
-            _finish(ex, seen, check_images_exist)
-        except DataError as e:
-            problems.append(Problem(str(path), where, str(e)))
-            continue
-        examples.append(ex)
-    return examples, problems
+        return f"encounter {enc_id}" if enc_id else f"encounter #{i}"
+
+    return _collect(path, ((where(i, enc), (i, enc)) for i, enc in enumerate(data)), build, check_images_exist)
 
 
 def _mediqa_image_folders(path: Path) -> list[Path]:
@@ -451,6 +433,22 @@ def report_problems(problems: Sequence[Problem], n_read: int, *, file=None, limi
         print(f"... and {len(problems) - limit} more", file=file)
     if problems:
         print(f"{len(problems)} malformed row(s) skipped, {n_read} read", file=file)
+
+
+def _collect(path: Path, items: Iterable[tuple[str, Any]], build, check: bool) -> tuple[list[Example], list[Problem]]:
+    """Build an Example from each (where, raw) item; a DataError becomes a Problem and the item is skipped."""
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for where, raw in items:
+        try:
+            ex = build(raw)
+            _finish(ex, seen, check)
+        except DataError as e:
+            problems.append(Problem(str(path), where, str(e)))
+            continue
+        examples.append(ex)
+    return examples, problems
 
 
 def _finish(ex: Example, seen: set[str], check: bool) -> None:

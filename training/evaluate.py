@@ -71,7 +71,7 @@ class Report:
         return out
 
     def table(self) -> str:
-        rows = [(k, _fmt(v)) for k, v in self.metrics.items()]
+        rows = [(k, format_value(v)) for k, v in self.metrics.items()]
         width = max((len(k) for k, _ in rows), default=10)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         return "\n".join(lines + [f"note: {n}" for n in self.notes()])
@@ -80,7 +80,7 @@ class Report:
         m = self.meta
         head = f"# Evaluation: {m.get('version') or m.get('model', '')}\n\n"
         facts = "".join(f"- {k}: {m[k]}\n" for k in ("model", "adapter", "version", "data", "n", "elapsed_s") if m.get(k) is not None)
-        table = "| metric | value |\n| --- | --- |\n" + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in self.metrics.items())
+        table = "| metric | value |\n| --- | --- |\n" + "".join(f"| {k} | {format_value(v)} |\n" for k, v in self.metrics.items())
         notes = "".join(f"- {n}\n" for n in self.notes())
         repeated = self.details.get("repetition", {}).get("most_repeated_answer")
         if repeated:
@@ -102,7 +102,8 @@ class Report:
         return out / "report.json", out / "report.md"
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A metric value for a table: 4 decimals, "n/a" for None."""
     if v is None:
         return "n/a"
     if isinstance(v, float):
