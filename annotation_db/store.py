@@ -294,7 +294,7 @@ class ReviewItem:
 def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None):
     own = select(Rating.id).where(Rating.turn_id == Turn.id, Rating.rater_id == rater_id)
     q = q.where(
-        Turn.expert_raters < need,
+        Turn.expert_raters.in_(range(need)),  # an IN list keeps the (expert_raters, id) index usable
         Turn.status != TurnStatus.error,
         Conversation.user_id != rater_id,
         ~own.exists(),
@@ -409,13 +409,10 @@ def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str
         .where(Rating.kind == RatingKind.full, User.role.in_(roles_))
         .group_by(Rating.turn_id, Rating.rater_id)
     )
+    # 1. the effective ratings alone (small rows), resolved per turn
     rows = s.execute(
-        select(Rating.id, Rating.turn_id, Rating.score, Rating.correction, Turn.conversation_id,
-               Turn.seq, Turn.question, Turn.answer, Turn.template, Turn.status,
-               Turn.model_version_id, Turn.created_at, Conversation.context)
-        .join(Turn, Turn.id == Rating.turn_id)
-        .join(Conversation, Conversation.id == Turn.conversation_id)
-        .where(Rating.id.in_(latest), Turn.status != TurnStatus.error)
+        select(Rating.turn_id, Rating.id, Rating.score, Rating.correction)
+        .where(Rating.id.in_(latest))
         .order_by(Rating.turn_id, Rating.id)
     ).all()
     known: set[int] = set()
@@ -425,41 +422,60 @@ def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str
         known = lineage_rating_ids(s, since_version_id)
     by_turn: dict[int, list] = defaultdict(list)
     for r in rows:
-        by_turn[r.turn_id].append(r)
+        by_turn[r[0]].append(r)
     result = GoldResult()
-    chosen_turns = []
+    chosen: dict[int, tuple] = {}  # turn id -> (target or None for the answer, source, ids, mean)
     for turn_id, rs in by_turn.items():
-        ids = [r.id for r in rs]
+        ids = [r[1] for r in rs]
         if known and set(ids) <= known:
             continue
-        corrected = [r for r in rs if r.correction is not None]
-        mean = sum(r.score for r in rs) / len(rs)
+        corrected = [r for r in rs if r[3] is not None]
+        mean = sum(r[2] for r in rs) / len(rs)
         if corrected:
             win = corrected[-1]  # ids grow with time: the most recent correction
-            if len({r.correction.strip() for r in corrected}) > 1:
-                result.conflicts.append(GoldConflict(turn_id, [r.id for r in corrected],
-                                                     [r.correction for r in corrected], win.id))
-            chosen_turns.append((rs[0], win.correction, "expert", ids, mean))
-        elif mean >= accept_threshold and rs[0].status is TurnStatus.complete:
-            chosen_turns.append((rs[0], rs[0].answer, "accepted", ids, mean))
+            if len({r[3].strip() for r in corrected}) > 1:
+                result.conflicts.append(GoldConflict(turn_id, [r[1] for r in corrected],
+                                                     [r[3] for r in corrected], win[1]))
+            chosen[turn_id] = (win[3], "expert", ids, mean)
+        elif mean >= accept_threshold:
+            chosen[turn_id] = (None, "accepted", ids, mean)
         else:
             result.left_out.append(turn_id)
-    images = _turn_images(s, [t[0].conversation_id for t in chosen_turns])
-    for r, target, source, ids, mean in chosen_turns:
-        hashes = images_up_to(images[r.conversation_id], r.seq)
-        created = as_utc(r.created_at)
+    # 2. the turns behind the chosen pairs
+    turn_ids = sorted(chosen)
+    turns = []
+    for i in range(0, len(turn_ids), 900):
+        turns += s.execute(
+            select(Turn.id, Turn.conversation_id, Turn.seq, Turn.question, Turn.answer, Turn.template,
+                   Turn.status, Turn.model_version_id, Turn.created_at, Conversation.context)
+            .join(Conversation, Conversation.id == Turn.conversation_id)
+            .where(Turn.id.in_(turn_ids[i:i + 900]))
+        ).all()
+    turns.sort(key=lambda t: t.id)
+    images = _turn_images(s, {t.conversation_id for t in turns})
+    for t in turns:
+        target, source, ids, mean = chosen[t.id]
+        if t.status is TurnStatus.error or (source == "accepted" and t.status is not TurnStatus.complete):
+            if source == "accepted":
+                result.left_out.append(t.id)
+            continue
+        target = t.answer if target is None else target
+        hashes = images_up_to(images[t.conversation_id], t.seq)
+        created = as_utc(t.created_at)
+        context = t.context or {}
         result.pairs.append(GoldPair(
-            turn_id=r.turn_id, conversation_id=r.conversation_id, seq=r.seq, image_hashes=hashes,
-            question=r.question, context=r.context or {}, template=r.template, target=target,
-            source=source, rating_ids=ids, model_answer=r.answer, model_version_id=r.model_version_id,
+            turn_id=t.id, conversation_id=t.conversation_id, seq=t.seq, image_hashes=hashes,
+            question=t.question, context=context, template=t.template, target=target,
+            source=source, rating_ids=ids, model_answer=t.answer, model_version_id=t.model_version_id,
             created=created, mean_score=mean,
         ))
-        if source == "expert" and target.strip() != r.answer.strip():
+        if source == "expert" and target.strip() != t.answer.strip():
             result.preference_pairs.append(PreferencePair(
-                turn_id=r.turn_id, image_hashes=hashes, question=r.question, context=r.context or {},
-                template=r.template, chosen=target, rejected=r.answer, rating_ids=ids,
-                model_version_id=r.model_version_id, created=created,
+                turn_id=t.id, image_hashes=hashes, question=t.question, context=context,
+                template=t.template, chosen=target, rejected=t.answer, rating_ids=ids,
+                model_version_id=t.model_version_id, created=created,
             ))
+    result.left_out.sort()
     return result
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ def _readers(st: Store, reader: int, stop: threading.Event, errors: list) -> lis
                 with st.session() as s:
                     store.review_queue(s, reader, need=3, limit=5)
                     store.review_queue_count(s, reader, need=3)
+                time.sleep(0.005)  # poll like a page would, without starving the writers
             except Exception as e:  # noqa: BLE001  collected and asserted empty
                 errors.append(e)
     return [threading.Thread(target=read) for _ in range(2)]
