@@ -1,0 +1,666 @@
+"""Refine the model on what experts corrected, then let the gate decide whether it ships.
+
+    python -m training.refine [--synthetic FILE ...] [--synthetic-ratio 1] [--supervision qa]
+    python -m training.refine --min-new 20 --every 6h          # a loop for hosts without cron
+    accelerate launch --num_processes 2 -m training.refine      # data parallel (GPUs, or --cpu with gloo)
+    python -m training.refine --resume                          # continue the run that was killed
+    python -m training.refine --list | --rollback v3 | --dry-run
+
+One run: take the store's refine lock; gather gold pairs (corrections win, accepted
+answers count) and synthetic QA (`training.refine_data`); stop quietly when fewer
+than `--min-new` gold pairs are new; train a LoRA adapter on answer tokens only
+(`training.refine_train`, or TRL's DPO on preference pairs with `--method dpo`),
+starting from the active version's adapter unless `--from-base`; evaluate the
+candidate and the active version on the same held-out set (`training.gate`); then,
+in one transaction, record the run and its lineage, register the candidate with
+its model card under `<home>/models/<version>/`, and promote or reject it. The run
+folder `<home>/runs/<run-id>/` keeps the config, the data plan, checkpoints, the
+loss curve and the report (JSON and Markdown). A killed run registers nothing and
+can be resumed; its stale lock is taken over.
+
+Exit status: 0 (trained, skipped or dry run), 1 (a problem to fix: the message says
+which), 75 (another refine holds the lock; try later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+from core.config import Settings, add_settings_args, settings_from_args
+from core.errors import DermaLoopError
+from training.errors import TrainingError
+
+LOCK_NAME = "refine"
+EXIT_BUSY = 75
+METHODS = ("sft", "dpo")
+
+
+@dataclass
+class RefineConfig:
+    """Everything that decides what a refine run does; saved with every run and adapter."""
+
+    # data
+    synthetic: list[str] = field(default_factory=list)  # synthetic QA datasets (jsonl/csv/hf/mediqa); repeatable
+    synthetic_eval: list[str] = field(default_factory=list)  # explicit synthetic held-out datasets; repeatable
+    synthetic_ratio: float = 1.0  # synthetic examples per gold training pair (all synthetic when no gold)
+    synthetic_holdout: float = 0.2  # share of synthetic images held out (the store's split), without --synthetic-eval
+    supervision: str = "qa"  # qa | caption | qa+caption (synthetic data; gold pairs are always QA)
+    gold_holdout: float = 0.2  # share of gold images held out (the store's frozen split); 0 = train on every gold pair
+    accept_threshold: float = 4.0  # an uncorrected answer with this mean score or more is gold
+    roles: list[str] = field(default_factory=lambda: ["expert"])  # rater roles whose ratings count; repeatable
+    min_new: int = 1  # fewer new gold training pairs than this: exit 0 without training
+    # model
+    method: str = "sft"  # sft (answer tokens) | dpo (TRL, preference pairs: chosen = correction)
+    from_base: bool = False  # start from the bare base instead of the active version's adapter
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # Linear leaf names
+    lora_vision: bool = False  # also adapt the vision tower's matching layers
+    modules_to_save: str = ""  # modules trained in full and saved with the adapter (comma-separated)
+    # optimisation
+    steps: int = 0  # optimizer steps; 0 = from epochs
+    epochs: float = 3.0  # passes over the training examples when steps is 0
+    batch_size: int = 4  # examples per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_length: int = 4096  # examples with more tokens are left out
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
+    seed: int = 0
+    save_steps: int = 50  # checkpoint every N steps (0 = never)
+    keep_checkpoints: int = 2
+    dpo_beta: float = 0.1  # DPO temperature
+    # gate
+    primary_metric: str = "auto"  # auto (diagnosis accuracy when labelled, else rougeL) or a Report metric name
+    tolerance: float = 0.01  # the primary metric may fall this much
+    max_repetition: float = 0.3  # repetition rate allowed (unless no higher than the active's)
+    eval_max: int = 200  # held-out examples at most (gold first)
+    eval_batch_size: int = 8
+    eval_max_new_tokens: int = 64
+    eval_metrics: str = "bleu,rouge,diagnosis,repetition"  # training.metrics names
+
+    def validate(self) -> None:
+        from training.collate import SUPERVISION
+
+        if self.supervision not in SUPERVISION:
+            raise TrainingError(f"--supervision must be one of {', '.join(SUPERVISION)}, not {self.supervision!r}")
+        if self.method not in METHODS:
+            raise TrainingError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise TrainingError("--mixed-precision must be auto, no, bf16 or fp16")
+        for name in ("gold_holdout", "synthetic_holdout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 0 and below 1")
+        for name in ("batch_size", "grad_accum", "lora_r", "eval_batch_size", "eval_max_new_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "min_new", "save_steps", "eval_max", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must not be negative")
+        if self.synthetic_ratio < 0 or self.epochs <= 0 or self.learning_rate <= 0:
+            raise TrainingError("--synthetic-ratio must be >= 0, --epochs and --learning-rate > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RefineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TrainingError(f"unknown refine setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------ flags
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type = RefineConfig) -> None:
+    """One flag per dataclass field: lists repeat, bools get --x/--no-x; None = not given."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        typ, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"default: {default!r}"
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif getattr(typ, "__origin__", None) is list:
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar=f.name.upper(), help=help_ + "; repeatable")
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> RefineConfig:
+    """Defaults, then `--config FILE` (YAML or JSON), then flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise TrainingError(f"config file not found: {path}")
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise TrainingError(f"{path}: expected a mapping of refine settings")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    names = {f.name for f in fields(RefineConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    cfg = RefineConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.refine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_argument_group("actions (default: one refine run)")
+    actions.add_argument("--list", action="store_true", help="list model versions with status and metrics")
+    actions.add_argument("--rollback", metavar="VERSION", help="make an earlier version active again")
+    actions.add_argument("--dry-run", action="store_true", help="print the data counts and exit")
+    actions.add_argument("--resume", nargs="?", const="latest", metavar="RUN", help="continue a killed run (default: the latest)")
+    actions.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
+    actions.add_argument("--every", metavar="INTERVAL", help="repeat forever, e.g. 30m, 6h, 1d")
+    actions.add_argument("--config", metavar="FILE", help="YAML/JSON refine settings (flags override)")
+    actions.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p.add_argument_group("refine settings"))
+    add_settings_args(p.add_argument_group("instance settings"),
+                      only=("home", "model", "db", "device", "dtype", "image_splitting", "longest_edge"))
+    return p
+
+
+def parse_interval(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise TrainingError(f"--every {text!r}: use a number with s, m, h or d, e.g. 6h") from None
+
+
+# ------------------------------------------------------------------------ outcome
+
+
+@dataclass
+class Outcome:
+    status: str  # promoted | rejected | skipped | dry-run | busy
+    summary: str  # the one line printed on stdout
+    version: str | None = None
+    run_id: str | None = None
+    run_dir: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_store(settings: Settings):
+    from annotation_db.db import Store
+
+    return Store.open(settings.db_url)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _find_run(runs_dir: Path, which: str) -> Path:
+    if which != "latest":
+        cand = [runs_dir / which, *sorted(runs_dir.glob(f"*-r{which}"))]
+        for c in cand:
+            if (c / "state.json").exists():
+                return c
+        raise TrainingError(f"no run {which!r} under {runs_dir}")
+    running = [d for d in sorted(runs_dir.glob("*")) if (d / "state.json").exists()
+               and _read_json(d / "state.json").get("status") == "running"]
+    if not running:
+        raise TrainingError(f"no interrupted run to resume under {runs_dir}")
+    return running[-1]
+
+
+def _abandon_interrupted(s: Any, runs_dir: Path) -> None:
+    """Runs left 'running' by a killed process (we hold the lock now) are marked failed."""
+    from annotation_db import store as st
+    from annotation_db.errors import StoreError
+
+    for d in sorted(runs_dir.glob("*")):
+        state_path = d / "state.json"
+        if not state_path.exists():
+            continue
+        state = _read_json(state_path)
+        if state.get("status") != "running":
+            continue
+        try:
+            st.finish_training_run(s, state["store_run_id"], status="failed", report={"reason": "interrupted; not resumed"})
+        except StoreError:
+            pass
+        state["status"] = "abandoned"
+        _write_json(state_path, state)
+
+
+# ------------------------------------------------------------------------ the run
+
+
+def run_refine(
+    settings: Settings,
+    cfg: RefineConfig,
+    *,
+    force: bool = False,
+    resume: str | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    explicit_model: bool = False,
+    offline_demo: bool = False,
+    out: Callable[[str], None] = print,
+) -> Outcome:
+    """One refine run (see the module docstring). Called by every process under accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    from annotation_db import store as st
+    from annotation_db.errors import LockHeld
+
+    cfg.validate()
+    import torch
+
+    cpu = settings.device == "cpu"
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if (torch.cuda.is_available() and not cpu) else "no"
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+    main = accelerator.is_main_process
+    runs_dir = settings.runs_dir
+    payload: list[Any] = [None]
+    db = _open_store(settings) if main else None
+    owner = f"refine@{socket.gethostname()}:{os.getpid()}"
+    try:
+        if main:
+            try:
+                payload[0] = _prepare(db, settings, cfg, owner, resume=resume, dry_run=dry_run,
+                                      explicit_model=explicit_model, out=out)
+            except LockHeld as e:
+                payload[0] = {"status": "busy", "summary": f"refine: another refine is running ({e})"}
+            except DermaLoopError as e:
+                payload[0] = {"status": "error", "summary": str(e)}
+        if accelerator.num_processes > 1:
+            broadcast_object_list(payload, from_process=0)
+        plan_msg = payload[0]
+        if plan_msg["status"] == "error":
+            raise TrainingError(plan_msg["summary"])
+        if plan_msg["status"] != "train":
+            return Outcome(plan_msg["status"], plan_msg["summary"], report=plan_msg.get("report", {}))
+        run_dir = Path(plan_msg["run_dir"])
+        cfg = RefineConfig.from_dict(_read_json(run_dir / "config.json")["refine"])
+        result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan_msg, progress=progress, out=out)
+        accelerator.wait_for_everyone()
+        if not main:
+            return Outcome("trained", "worker process done", run_id=run_dir.name, run_dir=run_dir)
+        return _gate_and_register(db, settings, cfg, run_dir, plan_msg, result, adapter_dir, force=force,
+                                  progress=progress, offline_demo=offline_demo, device=str(accelerator.device), out=out)
+    finally:
+        if db is not None:
+            with db.session() as s:
+                st.release_lock(s, LOCK_NAME, owner)  # only if this process holds it
+            db.dispose()
+
+
+def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resume: str | None, dry_run: bool,
+             explicit_model: bool, out: Callable[[str], None]) -> dict[str, Any]:
+    """Main process: lock, data, run record. Returns the message broadcast to every process."""
+    from annotation_db import store as st
+    from training.refine_data import DataPlan, build_plan
+
+    runs_dir = settings.runs_dir
+    if dry_run:
+        with db.session() as s:
+            active = st.active_version(s)
+            plan = build_plan(s, cfg, images_dir=settings.images_dir, active_version_id=active.id if active else None)
+            s.rollback()  # a dry run writes nothing (not even the split of new images)
+        lines = [f"{k}: {v}" for k, v in plan.counts.items()]
+        return {"status": "dry-run", "summary": "dry run: " + "; ".join(lines), "report": {"counts": plan.counts}}
+    with db.session() as s:
+        st.acquire_lock(s, LOCK_NAME, owner, os.getpid(), socket.gethostname())
+    try:
+        with db.session() as s:
+            active = st.active_version(s)
+            active_info = None if active is None else {"id": active.id, "name": active.name, "base": active.base_model,
+                                                       "adapter": active.adapter_path}
+            if resume:
+                run_dir = _find_run(runs_dir, resume)
+                state = _read_json(run_dir / "state.json")
+                if state.get("status") != "running":
+                    raise TrainingError(f"run {run_dir.name} is {state.get('status')}; only an interrupted run can be resumed")
+                saved = _read_json(run_dir / "config.json")
+                out(f"refine: resuming run {run_dir.name}")
+                return {"status": "train", "run_dir": str(run_dir), "base": saved["base_model"], "init_from": saved["init_from"],
+                        "parent": saved["parent"], "active": active_info, "store_run_id": state["store_run_id"], "resume": True}
+            _abandon_interrupted(s, runs_dir)
+            plan = build_plan(s, cfg, images_dir=settings.images_dir, active_version_id=active.id if active else None)
+            if cfg.min_new and plan.new_gold < cfg.min_new:
+                s.rollback()
+                return {"status": "skipped", "summary": (
+                    f"refine: nothing to do: {plan.new_gold} new gold pair(s) since "
+                    f"{active.name if active else 'the start'}, fewer than --min-new {cfg.min_new}")}
+            if cfg.method == "dpo" and not [p for p in plan.preference_pairs if not p["heldout"]]:
+                s.rollback()
+                return {"status": "skipped", "summary": "refine: --method dpo needs preference pairs (corrections); none yet"}
+            if cfg.method == "sft" and not plan.train:
+                s.rollback()
+                return {"status": "skipped", "summary": "refine: nothing to train on: no gold pairs and no --synthetic data"}
+            if not plan.heldout:
+                raise TrainingError("no held-out examples for the gate: raise --gold-holdout, or give --synthetic "
+                                    "data with --synthetic-holdout > 0 or --synthetic-eval")
+            base = settings.model if (explicit_model or active is None) else active.base_model
+            continuing = (active is not None and active.adapter_path and not cfg.from_base and base == active.base_model)
+            init_from = active.adapter_path if continuing else None
+            config_for_run = cfg.to_dict()
+            run = st.start_training_run(s, {"refine": config_for_run, "base_model": base, "init_from": init_from,
+                                            "active": active_info["name"] if active_info else None})
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            run_dir = runs_dir / f"{stamp}-r{run.id}"
+            run_dir.mkdir(parents=True, exist_ok=False)
+            (run_dir / "data.json").write_text(plan.to_json(), encoding="utf-8")
+            _write_json(run_dir / "config.json", {"refine": config_for_run, "base_model": base, "init_from": init_from,
+                                                  "parent": active.id if continuing else None,
+                                                  "settings": {k: str(v) for k, v in dataclasses.asdict(settings).items()}})
+            _write_json(run_dir / "state.json", {"status": "running", "store_run_id": run.id, "pid": os.getpid()})
+            out(f"refine: run {run_dir.name}: {plan.counts['train_examples']} training examples "
+                f"({plan.counts['gold_train']} gold, {plan.counts['synthetic_used']} synthetic), "
+                f"{plan.counts['eval_examples']} held out")
+            return {"status": "train", "run_dir": str(run_dir), "base": base, "init_from": init_from,
+                    "parent": active.id if continuing else None, "active": active_info, "store_run_id": run.id,
+                    "resume": False}
+    except BaseException:
+        with db.session() as s:
+            st.release_lock(s, LOCK_NAME, owner)
+        raise
+
+
+def _loop_config(cfg: RefineConfig, n_train: int, world: int):
+    from training.refine_train import LoopConfig
+
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum * world)))
+    return LoopConfig(steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate,
+                      warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                      seed=cfg.seed, save_steps=cfg.save_steps, keep_checkpoints=cfg.keep_checkpoints)
+
+
+def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, msg: dict, *, progress: bool,
+           out: Callable[[str], None]):
+    """Every process: load the base, attach LoRA, encode the plan's examples, train, save the adapter (main)."""
+    import torch
+
+    from core.engine import Engine
+    from core.models import load_model
+    from training.collate import encode, supervised_turns
+    from training.lora import attach_lora, save_adapter
+    from training.refine_data import DataPlan
+    from training.refine_train import train
+
+    torch.manual_seed(cfg.seed)
+    plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
+    loaded = load_model(msg["base"], device=str(accelerator.device), dtype=settings.dtype,
+                        image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
+    engine = Engine(loaded, settings)  # for the prompt text only: training text is what the engine asks
+    model = attach_lora(
+        loaded.model, targets=cfg.lora_targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        vision=cfg.lora_vision, modules_to_save=[m for m in cfg.modules_to_save.split(",") if m], init_from=msg["init_from"],
+    )
+    pad_id = loaded.processor.tokenizer.pad_token_id
+    if cfg.method == "dpo":
+        from training.refine_dpo import train_dpo
+
+        result = train_dpo(model, loaded.processor, engine, plan, cfg, run_dir=run_dir, accelerator=accelerator,
+                           resume=msg["resume"], progress=progress)
+    else:
+        turns = supervised_turns(plan.train, cfg.supervision)
+        cache: dict[str, Any] = {}
+        features, too_long = [], 0
+        for t in turns:
+            images = [cache.setdefault(p, _load(p)) for p in t.images]
+            f = encode(engine, t, images)
+            if f.input_ids.numel() > cfg.max_length:
+                too_long += 1
+                continue
+            features.append(f)
+        if not features:
+            raise TrainingError(f"every training example is longer than --max-length {cfg.max_length} tokens")
+        loop = _loop_config(cfg, len(features), accelerator.num_processes)
+        if accelerator.is_main_process:
+            out(f"refine: {len(features)} training turns ({cfg.supervision}), {too_long} too long, {loop.steps} steps "
+                f"on {accelerator.num_processes} process(es), device {accelerator.device}")
+        result = train(model, features, loop, accelerator=accelerator, pad_id=pad_id, run_dir=run_dir,
+                       resume=msg["resume"], progress=progress)
+        result.extra.update(turns=len(features), too_long=too_long)
+    adapter_dir = run_dir / "adapter"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = run_dir / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
+    return result, adapter_dir
+
+
+def _load(path: str):
+    from training.data import load_image
+
+    return load_image(path)
+
+
+def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, msg: dict, result: Any,
+                       adapter_dir: Path, *, force: bool, progress: bool, offline_demo: bool, device: str,
+                       out: Callable[[str], None]) -> Outcome:
+    from annotation_db import store as st
+    from core.config import GenerationSettings
+    from core.engine import Engine
+    from core.models import load_model
+    from training.gate import decide, evaluate_versions
+    from training.modelcard import loss_svg, model_card, run_markdown
+    from training.refine_data import DataPlan
+
+    plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
+    with db.session() as s:
+        active = st.active_version(s)
+        active_info = None if active is None else {"id": active.id, "name": active.name, "base": active.base_model,
+                                                   "adapter": active.adapter_path}
+    gen = dataclasses.replace(settings.generation(), max_new_tokens=cfg.eval_max_new_tokens, do_sample=False)
+    metrics = [m for m in cfg.eval_metrics.split(",") if m]
+    engines: dict[str, Engine] = {}
+
+    def engine_for(base: str) -> Engine:
+        if base not in engines:
+            engines[base] = Engine(load_model(base, device=device, dtype=settings.dtype, image_splitting=settings.image_splitting,
+                                              longest_edge=settings.longest_edge), settings)
+        return engines[base]
+
+    cand_engine = engine_for(msg["base"])
+    cand_engine.add_adapter("candidate", adapter_dir)
+    reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size, metrics=metrics,
+                                generation=gen, progress=progress)
+    active_name = active_info["name"] if active_info else "base"
+    if active_info is None:
+        act_engine, act_version = cand_engine, "base"
+    else:
+        act_engine = engine_for(active_info["base"])
+        if active_info["adapter"]:
+            act_engine.add_adapter(active_name, active_info["adapter"])
+        else:
+            act_engine.add_base_version(active_name)
+        act_version = active_name
+    reports.update(evaluate_versions(act_engine, plan.heldout, [act_version], batch_size=cfg.eval_batch_size,
+                                     metrics=metrics, generation=gen, progress=progress))
+    rep_c, rep_a = reports["candidate"], reports[act_version]
+    decision = decide(rep_c.metrics, rep_a.metrics, primary=cfg.primary_metric, tolerance=cfg.tolerance,
+                      max_repetition=cfg.max_repetition, force=force)
+    for name, rep in (("candidate", rep_c), (act_version, rep_a)):
+        rep.save(run_dir / "eval" / name)
+    training = {"steps": result.steps, "losses": result.losses, "examples_per_s": result.examples_per_s,
+                "seconds": result.seconds, "final_loss": result.final_loss, "resumed_from": result.resumed_from, **result.extra}
+    report: dict[str, Any] = {
+        "run_id": run_dir.name, "base_model": msg["base"], "init_from": msg["init_from"], "method": cfg.method,
+        "active_version": active_name, "counts": plan.counts, "training": training,
+        "metrics_candidate": rep_c.metrics, "metrics_active": rep_a.metrics, "decision": decision.to_dict(),
+        "config": cfg.to_dict(),
+    }
+    (run_dir / "loss.svg").write_text(loss_svg(result.losses), encoding="utf-8")
+    (run_dir / "loss.csv").write_text("step,loss\n" + "".join(f"{a},{b}\n" for a, b in result.losses), encoding="utf-8")
+
+    # Registration: files first (under a temp name, renamed into place), then one transaction.
+    models_dir = settings.models_dir
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final: Path | None = None
+    try:
+        with db.session() as s:
+            versions = st.list_versions(s)
+            name = f"v{len(versions) + 1}"
+            final = models_dir / name
+            if final.exists():
+                if any(v.adapter_path and Path(v.adapter_path) == final for v in versions):
+                    raise TrainingError(f"{final} belongs to another version; refusing to overwrite it")
+                shutil.rmtree(final)  # left by a registration that was killed before its commit
+            status = "active" if decision.promote else "rejected"
+            report.update(outcome="promoted" if decision.promote else "rejected", candidate_version=name)
+            tmp = models_dir / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(adapter_dir, tmp)
+            card = model_card(
+                version=name, base_model=msg["base"], parent=active_name if msg["init_from"] else None, status=status,
+                decision=decision.to_dict(), counts=plan.counts, config=cfg.to_dict(), metrics_candidate=rep_c.metrics,
+                metrics_active=rep_a.metrics, active_name=active_name, run_id=run_dir.name, eval_n=len(plan.heldout),
+                offline_demo=offline_demo,
+            )
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            _write_json(tmp / "refine_config.json", {"refine": cfg.to_dict(), "base_model": msg["base"],
+                                                     "init_from": msg["init_from"], "run_id": run_dir.name})
+            rep_c.save(tmp / "eval")
+            os.replace(tmp, final)
+            st.finish_training_run(s, msg["store_run_id"], status="completed", counts=plan.counts,
+                                   rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_rating_ids(plan),
+                                   synthetic_ids=plan.synthetic_ids if cfg.method == "sft" else [],
+                                   report=_json_safe({k: v for k, v in report.items() if k != "config"}))
+            metrics_record = {"candidate": rep_c.metrics, "active": rep_a.metrics, "compared_with": active_name,
+                              "eval_n": len(plan.heldout), "decision": decision.to_dict()}
+            v = st.register_version(s, base_model=msg["base"], adapter_path=str(final.resolve()),
+                                    parent_id=msg["parent"], training_run_id=msg["store_run_id"],
+                                    metrics=_json_safe(metrics_record), note=f"refine run {run_dir.name}")
+            assert v.name == name, (v.name, name)
+            if decision.promote:
+                st.promote(s, v.id, forced=decision.forced, reason=decision.reason)
+            else:
+                st.reject(s, v.id, decision.reason)
+    except BaseException:
+        if final is not None and final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    _write_json(run_dir / "report.json", report)
+    (run_dir / "report.md").write_text(run_markdown(report), encoding="utf-8")
+    _write_json(run_dir / "state.json", {**_read_json(run_dir / "state.json"), "status": "finished", "version": name})
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is registered; checkpoints are spent
+    summary = (f"refine: {name} {report['outcome']}{' (forced)' if decision.forced else ''}: {decision.reason}; "
+               f"{plan.counts['train_examples']} examples, {result.steps} steps, loss {_f(result.final_loss)}; "
+               f"run {run_dir.name}")
+    return Outcome(report["outcome"], summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)
+
+
+def _dpo_rating_ids(plan: Any) -> list[int]:
+    return sorted({i for p in plan.preference_pairs if not p["heldout"] for i in p["rating_ids"]})
+
+
+def _json_safe(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+# ------------------------------------------------------------------------ other actions
+
+
+def list_versions(settings: Settings) -> str:
+    from annotation_db import store as st
+
+    db = _open_store(settings)
+    try:
+        with db.session() as s:
+            rows = []
+            for v in st.list_versions(s):
+                m = (v.metrics or {}).get("candidate") or {}
+                key = next((k for k in ("diagnosis_accuracy", "rougeL") if m.get(k) is not None), None)
+                metric = f"{key}={m[key]:.4f}" if key else ""
+                rows.append((v.name, v.status.value, metric, v.base_model, v.adapter_path or "(bare base)", v.status_reason or ""))
+    finally:
+        db.dispose()
+    if not rows:
+        return "no model versions yet"
+    head = ("version", "status", "metric", "base", "adapter", "reason")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
+
+
+def rollback(settings: Settings, version: str) -> str:
+    from annotation_db import store as st
+
+    db = _open_store(settings)
+    try:
+        with db.session() as s:
+            before = st.active_version(s)
+            v = st.rollback(s, version, reason=f"rollback from {before.name if before else 'none'} (refine --rollback)")
+            return f"refine: {v.name} is active again (was {before.name if before else 'none'})"
+    finally:
+        db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from annotation_db.errors import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        if args.list:
+            print(list_versions(settings))
+            return 0
+        if args.rollback:
+            print(rollback(settings, args.rollback))
+            return 0
+        cfg = config_from_args(args)
+        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
+        interval = parse_interval(args.every) if args.every else None
+        while True:
+            outcome = run_refine(settings, cfg, force=args.force, resume=args.resume, dry_run=args.dry_run,
+                                 progress=not args.quiet, explicit_model=explicit_model)
+            if outcome.summary != "worker process done":
+                print(outcome.summary, flush=True)
+            if interval is None:
+                return EXIT_BUSY if outcome.status == "busy" else 0
+            args.resume = None
+            time.sleep(interval)
+    except (DermaLoopError, StoreError) as e:
+        print(f"refine: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("refine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
