@@ -196,7 +196,7 @@ def hash_password(password: str, rounds: int = 12) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()
 
 
-def add_user(path: str | Path, name: str, role: str, password: str) -> None:
+def add_user(path: str | Path, name: str, role: str, password: str, rounds: int = 12) -> None:
     """Add or replace one user in a users file (created if missing)."""
     import yaml
 
@@ -204,7 +204,7 @@ def add_user(path: str | Path, name: str, role: str, password: str) -> None:
         raise AuthError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     path = Path(path)
     data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-    data.setdefault("users", {})[name] = {"role": role, "password_hash": hash_password(password)}
+    data.setdefault("users", {})[name] = {"role": role, "password_hash": hash_password(password, rounds)}
     path.write_text(yaml.safe_dump(data, sort_keys=True))
 
 
