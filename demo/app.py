@@ -154,8 +154,9 @@ def build_demo(
                 with gr.Row():
                     score_plot = gr.BarPlot(x="version", y="mean_score", y_lim=[0, 5], title="Mean expert score (1-5)",
                                             x_title="model version", y_title="mean score")
-                    share_plot = gr.BarPlot(x="version", y="share", color="measure", y_lim=[0, 1],
-                                            title="Share of rated answers", x_title="model version", y_title="share")
+                    share_plot = gr.BarPlot(x="bar", y="share", color="measure", y_lim=[0, 1], sort=None,
+                                            title="Share of rated answers", x_title="model version and measure",
+                                            y_title="share")
                 trend_plot = gr.LinePlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
                                          title="Mean expert score over time", x_title="day", y_title="mean score")
                 table = gr.Dataframe(label="Per model version", interactive=False, elem_id="insights-table")

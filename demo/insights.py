@@ -77,9 +77,9 @@ class Insights:
         table = by_version.drop(columns=["version_id"]).map(_fmt)
         scores = by_version[["version", "mean_score", "answers"]].dropna(subset=["mean_score"])
         shares = pd.DataFrame(
-            [{"version": r["version"], "measure": label, "share": float(r[col])}
+            [{"bar": f"{r['version']} {label}", "version": r["version"], "measure": label, "share": float(r[col])}
              for _, r in by_version.iterrows() for col, label in SHARES if pd.notna(r[col])],
-            columns=["version", "measure", "share"],
+            columns=["bar", "version", "measure", "share"],  # one bar each: no stacking
         )
         trend = over_time[["period", "version", "mean_score"]].dropna() if len(over_time) else pd.DataFrame(
             columns=["period", "version", "mean_score"])

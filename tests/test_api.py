@@ -38,17 +38,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _SlowStreamer:
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+
+    def put(self, value):
+        time.sleep(self.delay_s)
+        self.inner.put(value)
+
+    def end(self):
+        self.inner.end()
+
+
 class App:
     """A launched app, its store and a way to slow generation down."""
 
-    def __init__(self, home: Path, model_dir: Path, auth: AuthConfig | None = None):
-        self.settings = Settings.from_env(home=home, model=str(model_dir), max_new_tokens=8)
+    def __init__(self, home: Path, model_dir: Path, auth: AuthConfig | None = None, max_new_tokens: int = 8):
+        self.settings = Settings.from_env(home=home, model=str(model_dir), max_new_tokens=max_new_tokens)
         self.store = Store.open(self.settings.db_url)
         loaded = load_model(model_dir)
-        self.delay_s = 0.0
+        self.delay_s = 0.0  # before each answer
+        self.token_delay_s = 0.0  # per streamed token, so a browser can watch the answer grow
 
         def slow_generate(**kwargs):
             time.sleep(self.delay_s)
+            if self.token_delay_s and kwargs.get("streamer") is not None:
+                kwargs["streamer"] = _SlowStreamer(kwargs["streamer"], self.token_delay_s)
             return loaded.model.generate(**kwargs)
 
         engine = Engine(loaded, self.settings, generate_fn=slow_generate)

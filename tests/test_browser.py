@@ -1,0 +1,136 @@
+"""A real browser (Debian's Chromium, driven by Playwright) against the app on loopback.
+
+An expert uploads an image, asks, watches the answer stream in with its model
+version, rates it with a correction; a second expert finds it in the Review tab and
+rates it; it is counted in Insights; a clinician is refused the Review tab.
+Screenshots of each tab are saved under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from demo.auth import AuthConfig, add_user
+from test_api import App
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+EXAMPLE = Path(__file__).resolve().parents[1] / "demo" / "examples" / "irregular-pigmented-lesion.png"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("browser")
+    users = d / "users.yaml"
+    for name, role in (("eve", "expert"), ("max", "expert"), ("cara", "clinician")):
+        add_user(users, name, role, f"{name}-password", rounds=4)
+    a = App(d / "home", tiny_model_dir, auth=AuthConfig.from_file(users), max_new_tokens=12)
+    a.token_delay_s = 0.15
+    yield a
+    a.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def sign_in(browser, app: App, name: str):
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.set_default_timeout(30_000)
+    page.goto(app.url)
+    page.fill("input[type=text]", name)
+    page.fill("input[type=password]", f"{name}-password")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#dl-who >> text=Signed in as")
+    return page
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_ask_rate_review_insights_and_roles(app, browser):
+    # -- an expert asks and sees the answer stream in, with its model version -------------
+    page = sign_in(browser, app, "eve")
+    assert "Research use only" in page.inner_text("#dl-notice")
+    page.set_input_files("#dl-images input[type=file]", [str(EXAMPLE)])
+    page.wait_for_selector("#dl-images >> text=irregular-pigmented-lesion.png")
+    page.fill("#dl-question textarea", "What is this lesion and what should be done?")
+    page.click("#dl-ask")
+    chat = page.locator("#dl-chat")
+    page.wait_for_function("document.querySelector('#dl-chat').innerText.includes('▌')")  # still streaming
+    partial = chat.inner_text()
+    page.wait_for_selector("#dl-chat >> text=model v1")
+    final = chat.inner_text()
+    assert "▌" not in final and len(final) > len(partial.split("▌")[0])
+    answer = app_answer(app)
+    assert page.input_value("#consult-correction textarea") == answer  # pre-filled for correction
+    shot(page, "consult")
+
+    # -- ... and rates it with a correction ----------------------------------------------
+    page.locator("#consult-score").get_by_text("2 · poor").click()
+    page.fill("#consult-correction textarea", "Irregular pigmented lesion: refer for dermoscopy and excision biopsy.")
+    page.fill("#consult-diagnosis textarea, #consult-diagnosis input", "melanoma")
+    page.click("#consult-save")
+    page.wait_for_selector("#consult-status >> text=saved")
+    assert "with your correction" in page.inner_text("#consult-status")
+
+    # -- another expert finds it in the Review tab --------------------------------------------
+    page2 = sign_in(browser, app, "max")
+    open_tab(page2, "Review")
+    page2.wait_for_selector("#review-counter >> text=left to review")
+    assert re.search(r"\b1\s+answer left", page2.inner_text("#review-counter"))
+    assert "What is this lesion and what should be done?" in page2.inner_text("#review-question")
+    assert "v1" in page2.inner_text("#review-version")
+    page2.locator("#review-blind input").check()
+    page2.wait_for_selector("#review-version >> text=hidden")
+    shot(page2, "review")
+    page2.locator("#review-score").get_by_text("4 · good").click()
+    page2.click("#review-save")
+    page2.wait_for_selector("#review-status >> text=saved")
+    page2.wait_for_selector("#review-question >> text=Nothing left to review")
+
+    # -- ... and it is counted in Insights ---------------------------------------------------------
+    open_tab(page2, "Insights")
+    page2.wait_for_selector("#insights-summary >> text=answers recorded")
+    summary = page2.inner_text("#insights-summary")
+    assert re.search(r"\b1\s+answers recorded,\s+1\s+with expert ratings", summary), summary
+    table = page2.inner_text("#insights-table")
+    assert "v1" in table and "3" in table  # mean of 2 and 4
+    shot(page2, "insights")
+
+    # -- a clinician is refused the Review tab --------------------------------------------------
+    page3 = sign_in(browser, app, "cara")
+    assert not page3.locator("#consult-save").is_visible()  # no expert rating controls either
+    open_tab(page3, "Review")
+    page3.wait_for_selector("#review-refused >> text=access refused")
+    assert not page3.locator("#review-save").is_visible()
+    shot(page3, "review-refused-clinician")
+
+
+def app_answer(app: App) -> str:
+    from annotation_db.export import frames
+
+    with app.store.session() as s:
+        return frames(s)["turns"]["answer"].iloc[-1]
