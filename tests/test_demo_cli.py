@@ -1,0 +1,163 @@
+"""`python -m demo` as a person starts it, identities and roles, the Spaces set-up, the offline fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from demo.auth import AuthConfig, AuthError, Denied, add_user, auth_from_env, load_users, oauth_username, parse_roles
+from demo.spaces import NO_PERSISTENCE, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_python_m_demo_starts_serves_and_reports_its_start_up_time(tiny_model_dir, dermaloop_home):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "demo", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--home", str(dermaloop_home)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Running on local URL" in line:
+                break
+        up_s = time.perf_counter() - start
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{port}" in out, out
+        assert "DermaLoop ready in" in out and "serving version v1" in out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200
+        print(f"start-up to serving: {up_s:.1f} s")
+        assert up_s < 60, f"start-up took {up_s:.1f} s"  # the target is < 20 s on 2 cores; see the report
+        assert (dermaloop_home / "annotations.db").exists()  # migrated before serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_python_m_demo_explains_what_is_wrong(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "demo", "--model", str(tmp_path / "nowhere"), "--no-offline-fallback"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "model directory not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_auth = subprocess.run([sys.executable, "-m", "demo", "--auth-file", str(tmp_path / "users.yaml")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad_auth.returncode == 2 and "users file not found" in bad_auth.stderr
+
+
+# ------------------------------------------------------------------------------ identities
+
+
+def test_users_file_logins_and_roles(tmp_path):
+    users = tmp_path / "users.yaml"
+    add_user(users, "eve", "expert", "s3cret", rounds=4)
+    add_user(users, "cara", "clinician", "pw", rounds=4)
+    auth = AuthConfig.from_file(users)
+    assert auth.check_password("eve", "s3cret") and not auth.check_password("eve", "wrong")
+    assert not auth.check_password("nobody", "s3cret") and not auth.check_password("eve", "")
+    eve = auth.identify(SimpleNamespace(username="eve"))
+    assert (eve.name, eve.role, eve.can_rate, eve.is_admin) == ("eve", "expert", True, False)
+    with pytest.raises(Denied, match="clinician"):
+        auth.require_rater(SimpleNamespace(username="cara"))
+    with pytest.raises(Denied, match="only admins"):
+        auth.require_admin(SimpleNamespace(username="eve"))
+    with pytest.raises(Denied, match="sign in"):
+        auth.identify(SimpleNamespace(username="mallory"))  # not in the file: never trusted
+    assert "s3cret" not in users.read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("users: {}", "no users"),
+        ("users:\n  eve: {role: boss, password_hash: '$2b$04$x'}", "role"),
+        ("users:\n  eve: {role: expert, password_hash: plain}", "bcrypt"),
+        ("users: [unclosed", "not valid YAML"),
+    ],
+)
+def test_bad_users_files_are_explained(tmp_path, text, message):
+    path = tmp_path / "users.yaml"
+    path.write_text(text)
+    with pytest.raises(AuthError, match=message):
+        load_users(path)
+
+
+def test_oauth_roles_from_the_allow_list(monkeypatch):
+    assert parse_roles("alice=admin, bob=expert\ncarol=clinician") == {"alice": "admin", "bob": "expert", "carol": "clinician"}
+    with pytest.raises(AuthError):
+        parse_roles("alice=boss")
+    auth = AuthConfig.oauth("alice=admin,bob=expert")
+    signed_in = lambda name: SimpleNamespace(request=None, session={"oauth_info": {"userinfo": {"preferred_username": name},
+                                                                                      "expires_at": time.time() + 60}})
+    assert auth.identify(signed_in("alice")).role == "admin"
+    assert auth.identify(signed_in("zed")).role == "clinician"  # signed in, not listed
+    expired = SimpleNamespace(request=None, session={"oauth_info": {"userinfo": {"preferred_username": "bob"}, "expires_at": 1}})
+    assert oauth_username(expired) is None
+    with pytest.raises(Denied, match="Hugging Face"):
+        auth.identify(SimpleNamespace(request=None, session={}))
+    monkeypatch.setenv("SPACE_ID", "someone/dermaloop")
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "x")
+    monkeypatch.setenv("DERMALOOP_ROLES", "bob=expert")
+    assert auth_from_env(None, "local").mode == "oauth"
+    monkeypatch.delenv("SPACE_ID")
+    assert auth_from_env(None, "me").mode == "local"
+
+
+def test_spaces_setup_uses_persistent_storage_or_warns(tmp_path):
+    assert prepare({}).on_space is False
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"SPACE_ID": "someone/dermaloop"}
+    info = prepare(env, data_root=data)
+    assert info.persistent and env["DERMALOOP_HOME"] == str(data / "dermaloop") and env["HF_HOME"] == str(data / ".huggingface")
+    env = {"SPACE_ID": "someone/dermaloop"}
+    info = prepare(env, data_root=tmp_path / "absent")
+    assert not info.persistent and info.notices == [NO_PERSISTENCE] and "DERMALOOP_HOME" not in env
+
+
+# ------------------------------------------------------------------------------ offline model
+
+
+@pytest.mark.slow
+def test_an_unreachable_model_falls_back_to_the_offline_demo_model(tmp_path, dermaloop_home):
+    from conftest import draw_lesion
+
+    from core.config import Settings
+    from demo.common import Ctx
+    from demo.consult import Case, Consult
+    from demo.runtime import OFFLINE_BANNER, DemoOptions, start
+
+    settings = Settings.from_env(model="HuggingFaceTB/no-such-model-offline", max_new_tokens=8)
+    messages: list[str] = []
+    runtime = start(settings, DemoOptions(), progress=messages.append)
+    try:
+        assert runtime.offline and runtime.notices[0] == OFFLINE_BANNER
+        assert any("offline" in m.lower() for m in messages)
+        ctx = Ctx(runtime, AuthConfig.local(), DemoOptions())
+        draw_lesion().save(tmp_path / "a.png")
+        case = Case()
+        list(Consult(ctx).ask(case, [str(tmp_path / "a.png")], "What is it?", *[None] * 7, "free", SimpleNamespace()))
+        assert f"model {runtime.version}" in case.messages[-1]["content"]
+        again = start(settings, DemoOptions(), progress=messages.append)  # cached now: no rebuild
+        assert again.offline and again.version == runtime.version
+        again.store.dispose()
+    finally:
+        runtime.store.dispose()
