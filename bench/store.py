@@ -93,8 +93,9 @@ def load(url: str, n_turns: int, n_ratings: int, n_experts: int = 20) -> Store:
         s.execute(insert(Turn), [{
             "id": i + 1, "conversation_id": i // 2 + 1, "seq": i % 2, "question": f"Question {i}?",
             "answer": f"Answer {i}.", "template": "qa", "settings": {}, "model_version_id": v.id,
-            "status": "complete", "expert_raters": len({2 + (j // rated + i) % n_experts
-                                                         for j in range(i, n_ratings, rated)}),
+            "status": "complete",
+            "expert_raters": len({2 + (j // rated + i) % n_experts for j in range(i, n_ratings, rated)})
+            if i < rated else 0,
             "created_at": t0 + timedelta(seconds=i)} for i in range(n_turns)])
         for i in range(0, len(ratings), 20_000):
             s.execute(insert(Rating), ratings[i:i + 20_000])
