@@ -117,11 +117,13 @@ class Runtime:
         """A running answer: iterate for text, `.stop()`, `.result` (an `Answer`) when done."""
         if self.stream_fn is None:
             return self.engine.stream(images, question, **kwargs)
-        return _RemoteGeneration(self.stream_fn(self.engine, list(images), question, kwargs), self.engine.default_version)
+        version = kwargs.pop("version", None) or self.engine.default_version
+        adapter = self.engine.versions.get(version)
+        return _RemoteGeneration(self.stream_fn(list(images), question, kwargs, version, adapter), version)
 
 
 class _RemoteGeneration:
-    """A generation running elsewhere (ZeroGPU's worker): chunks, then the Answer, come back over a pipe.
+    """A generation running in ZeroGPU's worker process: chunks, then the Answer, come back over a pipe.
 
     Stop cannot reach the worker, so it stops reading and keeps the text so far.
     """
@@ -148,12 +150,20 @@ class _RemoteGeneration:
             self.result = Answer(text, self._version, "stopped", 0, 0, None, time.perf_counter() - self._start)
 
 
-def stream_in_worker(engine: Engine, images: list, question: str, kwargs: dict) -> Iterator[Any]:
-    """What runs inside `spaces.GPU`: stream the chunks, then yield the Answer (all picklable)."""
-    gen = engine.stream(images, question, **kwargs)
-    for chunk in gen:
-        yield chunk
-    yield gen.result
+def worker_stream(engine: Engine) -> Callable[..., Iterator[Any]]:
+    """What runs inside `spaces.GPU`, in a process forked from this one: the engine is inherited,
+    only picklable arguments cross over (images, text, settings), and chunks then the Answer come back.
+    A worker forked before a hot swap loads the new adapter itself, once."""
+
+    def stream(images: list, question: str, kwargs: dict, version: str, adapter: str | None) -> Iterator[Any]:
+        if version not in engine.versions:
+            engine.add_adapter(version, adapter) if adapter else engine.add_base_version(version)
+        gen = engine.stream(images, question, version=version, **kwargs)
+        for chunk in gen:
+            yield chunk
+        yield gen.result
+
+    return stream
 
 
 # -- start-up -------------------------------------------------------------------
@@ -231,7 +241,7 @@ def attach(
     if zerogpu:
         import spaces  # imported before CUDA was touched by demo.spaces.prepare()
 
-        stream_fn = spaces.GPU(duration=120)(stream_in_worker)
+        stream_fn = spaces.GPU(duration=120)(worker_stream(engine))
     runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn,
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
     runtime.sync(force=True)

@@ -336,3 +336,32 @@ def test_a_broken_active_version_keeps_the_current_one_serving(ctx, tmp_path, st
     consult, case = Consult(ctx), Case()
     ask(consult, case, [save_png(tmp_path / "a.png")], "Still answering?")
     assert "model v1" in case.messages[-1]["content"]
+
+
+def test_zerogpu_generation_runs_inside_spaces_gpu_with_picklable_arguments(settings, tiny_engine, store, tmp_path, monkeypatch):
+    """ZeroGPU pickles arguments and results across a process boundary; a fake `spaces` does the same."""
+    import pickle
+    import sys
+
+    calls: list = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration=None):
+            def decorate(fn):
+                def run(*args, **kwargs):
+                    args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+                    calls.append(duration)
+                    for item in fn(*args, **kwargs):
+                        yield pickle.loads(pickle.dumps(item))
+                return run
+            return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", FakeSpaces)
+    options = DemoOptions(poll_s=0)
+    ctx = Ctx(attach(settings, tiny_engine, store, options, zerogpu=True), AuthConfig.local(), options)
+    consult, case = Consult(ctx), Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?", age=30)
+    ask(consult, case, [], "And then?")  # history with images crosses the boundary too
+    assert calls == [120, 120] and "model v1" in case.messages[-1]["content"]
+    assert counts(store)["turns"] == 2
