@@ -157,8 +157,11 @@ def build_demo(
                     share_plot = gr.BarPlot(x="bar", y="share", color="measure", y_lim=[0, 1], sort=None,
                                             title="Share of rated answers", x_title="model version and measure",
                                             y_title="share")
-                trend_plot = gr.LinePlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
-                                         title="Mean expert score over time", x_title="day", y_title="mean score")
+                with gr.Row():
+                    trend_plot = gr.ScatterPlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
+                                                title="Mean expert score per day", x_title="day", y_title="mean score")
+                    runs_plot = gr.ScatterPlot(x="run", y="value", color="series", title="Refinement gate: active vs candidate",
+                                               x_title="training run", y_title="gate metric (see table)")
                 table = gr.Dataframe(label="Per model version", interactive=False, elem_id="insights-table")
                 with gr.Row():
                     agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
@@ -215,7 +218,7 @@ def build_demo(
                        review_out, **private)
         skip_btn.click(review.skip, [r_state, blind], review_out, **private)
 
-        insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, versions, rb_version, summary]
+        insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, runs_plot, versions, rb_version, summary]
         insights_tab.select(insights.refresh, None, insights_out, **private)
         refresh_btn.click(insights.refresh, None, insights_out, **private)
         export_btn.click(insights.export, [fmt], [export_files], **private)

@@ -22,7 +22,7 @@ from demo.common import Ctx, user_errors
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
 SHARES = [("share_corrected", "corrected"), ("share_unsafe", "unsafe"), ("share_hallucination", "hallucination"),
           ("thumbs_up_share", "thumbs up")]
-RUN_COLUMNS = ["run", "started", "status", "version", "decision", "pairs", "metrics"]
+RUN_COLUMNS = ["run", "started", "status", "version", "outcome", "gate metric", "active", "candidate", "reason", "pairs"]
 
 
 def _fmt(value: Any) -> Any:
@@ -31,28 +31,38 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def refine_history(s) -> pd.DataFrame:
-    """One row per training run: when, outcome, the version it produced and its decision, metrics."""
+def refine_history(s) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per training run: outcome, the gate's metric for active and candidate, reason, pairs;
+    long-form points for the plot: run, series (active / candidate), value)."""
     lister = getattr(st, "list_training_runs", None)
     produced = {v.training_run_id: v for v in st.list_versions(s) if v.training_run_id is not None}
     runs = list(lister(s)) if lister else [v.training_run for v in produced.values() if v.training_run is not None]
-    rows = []
+    rows, points = [], []
     for run in sorted(runs, key=lambda r: r.id):
         version = produced.get(run.id)
-        report = run.report or {}
-        decision = report.get("decision") or (version.status.value if version is not None else run.status.value)
-        metrics = report.get("metrics") or (version.metrics if version is not None else None) or {}
-        counts = run.counts or {}
+        report = run.report if isinstance(run.report, dict) else {}
+        decision = report.get("decision") if isinstance(report.get("decision"), dict) else {}
+        if not decision and version is not None and isinstance(version.metrics, dict):
+            decision = version.metrics.get("decision") or {}
+        outcome = report.get("outcome") or (version.status.value if version is not None else run.status.value)
+        counts = run.counts if isinstance(run.counts, dict) else {}
         rows.append({
             "run": run.id,
             "started": run.created_at.strftime("%Y-%m-%d %H:%M") if run.created_at else "",
             "status": run.status.value,
             "version": version.name if version is not None else "",
-            "decision": str(decision),
-            "pairs": ", ".join(f"{k}: {v}" for k, v in counts.items()) if isinstance(counts, dict) else str(counts),
-            "metrics": json.dumps(metrics, default=str)[:300] if metrics else "",
+            "outcome": str(outcome),
+            "gate metric": decision.get("metric") or "",
+            "active": _fmt(decision.get("active")),
+            "candidate": _fmt(decision.get("candidate")),
+            "reason": decision.get("reason") or report.get("reason") or "",
+            "pairs": ", ".join(f"{k}: {v}" for k, v in counts.items() if not isinstance(v, (dict, list))),
         })
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+        for series in ("active", "candidate"):
+            if isinstance(decision.get(series), (int, float)):
+                points.append({"run": run.id, "series": series, "value": float(decision[series]),
+                               "metric": decision.get("metric") or ""})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS), pd.DataFrame(points, columns=["run", "series", "value", "metric"])
 
 
 def versions_table(s) -> pd.DataFrame:
@@ -72,7 +82,7 @@ class Insights:
             by_version = st.stats_by_version(s)
             over_time = st.stats_over_time(s, "D")
             agreement = st.agreement(s)
-            runs = refine_history(s)
+            runs, run_points = refine_history(s)
             versions = versions_table(s)
         table = by_version.drop(columns=["version_id"]).map(_fmt)
         scores = by_version[["version", "mean_score", "answers"]].dropna(subset=["mean_score"])
@@ -86,10 +96,11 @@ class Insights:
         agree = pd.DataFrame([{"measure": k.replace("_", " "), "value": _fmt(v) if v is not None else "n/a"}
                               for k, v in agreement.items()], columns=["measure", "value"])
         return {"table": table, "scores": scores, "shares": shares, "trend": trend, "agreement": agree,
-                "runs": runs, "versions": versions}
+                "runs": runs, "run_points": run_points, "versions": versions}
 
     def refresh(self, request: gr.Request) -> tuple:
-        """Outputs: table, mean score plot, shares plot, trend plot, agreement, runs, versions, rollback choices, summary."""
+        """Outputs: table, mean score plot, shares plot, trend plot, agreement, runs, runs plot, versions,
+        rollback choices, summary."""
         with user_errors():
             who = self.ctx.auth.identify(request)
             d = self.data()
@@ -97,7 +108,7 @@ class Insights:
         rated = int(d["table"]["rated_answers"].sum()) if len(d["table"]) else 0
         summary = f"**{total}** answers recorded, **{rated}** with expert ratings; serving model **{self.ctx.runtime.version}**."
         choices = list(d["versions"]["version"])
-        return (d["table"], d["scores"], d["shares"], d["trend"], d["agreement"], d["runs"], d["versions"],
+        return (d["table"], d["scores"], d["shares"], d["trend"], d["agreement"], d["runs"], d["run_points"], d["versions"],
                 gr.update(choices=choices, value=None, interactive=who.is_admin), summary)
 
     def export(self, fmt: str, request: gr.Request) -> list[str]:

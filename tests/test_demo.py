@@ -280,9 +280,17 @@ def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
         insights.export("csv", req("cara"))
     with pytest.raises(gr.Error, match="format"):
         insights.export("xlsx", req("eve"))
-    with store.session() as s:
-        v2 = st.register_version(s, base_model=ctx.settings.model, status="active").name
+    with store.session() as s:  # a refine run that produced v2, as training.refine records it
+        run = st.start_training_run(s, {"method": "sft"})
+        decision = {"promote": True, "forced": False, "reason": "passed the gate: rougeL 0.1 -> 0.3",
+                    "metric": "rougeL", "candidate": 0.3, "active": 0.1}
+        st.finish_training_run(s, run.id, status="completed", counts={"gold": 1, "synthetic": 4},
+                               report={"outcome": "promoted", "decision": decision})
+        v2 = st.register_version(s, base_model=ctx.settings.model, training_run_id=run.id, status="active").name
     assert ctx.runtime.sync(force=True) == v2
+    d = insights.data()
+    assert d["runs"].iloc[0][["version", "outcome", "gate metric", "candidate"]].tolist() == [v2, "promoted", "rougeL", 0.3]
+    assert "gold: 1" in d["runs"].iloc[0]["pairs"] and sorted(d["run_points"]["series"]) == ["active", "candidate"]
     with pytest.raises(gr.Error, match="only admins"):
         insights.rollback("v1", "", req("eve"))
     assert "v1 is active again" in insights.rollback("v1", "worse answers", req("ada"))
