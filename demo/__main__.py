@@ -42,20 +42,25 @@ def create(argv: list[str] | None = None):
     space = prepare()  # before torch is imported
     args = build_parser().parse_args(argv)
     from core.config import settings_from_args
+    from annotation_db.errors import StoreError
     from core.errors import DermaLoopError
-    from demo.app import build_demo, launch_kwargs
     from demo.auth import AuthError, auth_from_env
-    from demo.runtime import DemoOptions, start
 
-    try:
+    try:  # what a person can get wrong is checked before the slow imports
         settings = settings_from_args(args)
         auth = auth_from_env(args.auth_file, settings.local_user)
         need = args.review_need or int(os.environ.get("DERMALOOP_REVIEW_NEED") or 2)
+        if need < 1:
+            raise ValueError(f"review need must be at least 1, not {need}")
+        from demo.runtime import DemoOptions, start
+
         options = DemoOptions(review_need=need, offline_fallback=not args.no_offline_fallback)
         runtime = start(settings, options, adapter=args.adapter, notices=space.notices, zerogpu=space.zerogpu)
-    except (DermaLoopError, AuthError, ValueError) as e:
+    except (DermaLoopError, StoreError, AuthError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from demo.app import build_demo, launch_kwargs
+
     demo = build_demo(runtime.settings, auth=auth, options=options, runtime=runtime)
     kwargs = launch_kwargs(demo, server_name=args.host, server_port=args.port, share=args.share or None)
     return demo, kwargs

@@ -61,6 +61,9 @@ def test_python_m_demo_explains_what_is_wrong(tmp_path):
     bad_auth = subprocess.run([sys.executable, "-m", "demo", "--auth-file", str(tmp_path / "users.yaml")],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad_auth.returncode == 2 and "users file not found" in bad_auth.stderr
+    bad_db = subprocess.run([sys.executable, "-m", "demo", "--db", "nosuchdb://x", "--model", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad_db.returncode == 2 and "not a usable database URL" in bad_db.stderr and "Traceback" not in bad_db.stderr
 
 
 # ------------------------------------------------------------------------------ identities
