@@ -169,39 +169,46 @@ def worker_stream(engine: Engine) -> Callable[..., Iterator[Any]]:
 # -- start-up -------------------------------------------------------------------
 
 
-def load_engine(settings: Settings, *, offline_fallback: bool = True, progress: Callable[[str], None] = print) -> tuple[Engine, Settings, bool]:
-    """(engine, the settings it runs with, offline?) for the configured model or the offline demo model."""
+def load_engine(settings: Settings, *, offline_fallback: bool = True,
+                progress: Callable[[str], None] = print) -> tuple[Engine, Settings, Path | None]:
+    """(engine, the settings it runs with, None) for the configured model; when it cannot be loaded,
+    the offline demo model's (engine, settings, its trained adapter or None)."""
     def load(source: str):
         return load_model(source, device=settings.device, dtype=settings.dtype,
                           image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
 
     try:
-        return Engine(load(settings.model), settings), settings, False
+        return Engine(load(settings.model), settings), settings, None
     except ModelLoadError as e:
         if not offline_fallback:
             raise
         progress(f"{e}\nFalling back to the offline demonstration model (built once, then cached).")
-    base_dir = offline_base_dir(settings, progress)
+    base_dir, adapter_dir = offline_model(settings, progress)
     offline_settings = settings.replace(model=str(base_dir))
-    return Engine(load(str(base_dir)), offline_settings), offline_settings, True
+    return Engine(load(str(base_dir)), offline_settings), offline_settings, adapter_dir or OFFLINE_NO_ADAPTER
 
 
-def offline_base_dir(settings: Settings, progress: Callable[[str], None] = print) -> Path:
-    """The offline demo model's base directory: `training.demo_model` when present (it also registers
-    its trained adapter as the active version), else an untrained tiny model cached in the data directory."""
+OFFLINE_NO_ADAPTER = Path()  # offline, but no trained adapter to register
+
+
+def offline_model(settings: Settings, progress: Callable[[str], None] = print) -> tuple[Path, Path | None]:
+    """(base dir, adapter dir or None) of the offline demo model: `training.demo_model` when present,
+    else an untrained tiny model cached in the data directory."""
     try:
         from training.demo_model import ensure_demo_model
     except ImportError:
         ensure_demo_model = None
     if ensure_demo_model is not None:
-        return Path(ensure_demo_model(settings, progress=progress).base_dir)
+        dm = ensure_demo_model(settings, progress=progress)
+        adapter = getattr(dm, "adapter_dir", None)
+        return Path(dm.base_dir), Path(adapter) if adapter else None
     from core.tiny import build_tiny_model  # fallback until the trained demo model exists
 
     out = settings.models_dir / "offline-demo-base"
     if not (out / "config.json").exists():
         progress(f"building the offline demo model in {out} ...")
         build_tiny_model(out, family="smolvlm", seed=0)
-    return out
+    return out, None
 
 
 def start(
@@ -217,7 +224,11 @@ def start(
     options = options or DemoOptions()
     store = Store.open(settings.db_url, migrate=True)
     engine, settings, offline = load_engine(settings, offline_fallback=options.offline_fallback, progress=progress)
-    return attach(settings, engine, store, options, adapter=adapter, offline=offline, notices=notices, zerogpu=zerogpu)
+    with store.session() as s:
+        if offline is not None and offline != OFFLINE_NO_ADAPTER:
+            _register_once(s, settings.model, offline)
+    return attach(settings, engine, store, options, adapter=adapter, offline=offline is not None, notices=notices,
+                  zerogpu=zerogpu)
 
 
 def attach(
@@ -246,6 +257,18 @@ def attach(
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
     runtime.sync(force=True)
     return runtime
+
+
+def _register_once(s, base_model: str, adapter: Path) -> None:
+    """The offline demo model's adapter: registered as the active version the first time only, so a
+    version refined from it later (and promoted) stays active across restarts."""
+    path = str(adapter.expanduser().resolve())
+    if any(v.adapter_path == path for v in st.list_versions(s)):
+        return
+    active = st.active_version(s)
+    st.register_version(s, base_model=base_model, adapter_path=path, status="active",
+                        parent_id=active.id if active is not None and active.base_model == base_model else None,
+                        note="offline demonstration model")
 
 
 def _register_adapter(s, base_model: str, adapter: Path) -> None:

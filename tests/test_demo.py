@@ -373,3 +373,26 @@ def test_zerogpu_generation_runs_inside_spaces_gpu_with_picklable_arguments(sett
     ask(consult, case, [], "And then?")  # history with images crosses the boundary too
     assert calls == [120, 120] and "model v1" in case.messages[-1]["content"]
     assert counts(store)["turns"] == 2
+
+
+def test_offline_demo_model_adapter_is_served_and_later_versions_survive_restarts(tiny_model_dir, tiny_adapter_dir, monkeypatch, tmp_path):
+    """With training.demo_model's (base, adapter): the adapter becomes the active version once; a version
+    promoted later stays active when the app restarts."""
+    import sys
+
+    from demo.runtime import OFFLINE_BANNER, start
+
+    fake = SimpleNamespace(ensure_demo_model=lambda settings, progress=print: SimpleNamespace(
+        base_dir=tiny_model_dir, version="demo", adapter_dir=tiny_adapter_dir))
+    monkeypatch.setitem(sys.modules, "training.demo_model", fake)
+    settings = Settings.from_env(model=str(tmp_path / "unreachable-model"), max_new_tokens=8)
+    first = start(settings, DemoOptions(poll_s=0), progress=lambda m: None)
+    assert first.offline and OFFLINE_BANNER in first.notices and first.engine.versions[first.version] == str(tiny_adapter_dir.resolve())
+    with first.store.session() as s:
+        promoted = st.register_version(s, base_model=first.settings.model, status="active", note="refined later").name
+    first.store.dispose()
+    again = start(settings, DemoOptions(poll_s=0), progress=lambda m: None)
+    assert again.version == promoted
+    with again.store.session() as s:
+        assert len(st.list_versions(s)) == 2  # the demo adapter (registered once), the refined one
+    again.store.dispose()
