@@ -120,17 +120,29 @@ def test_ask_rate_review_insights_and_roles(app, browser):
     assert "v1" in table and "3" in table  # mean of 2 and 4
     shot(page2, "insights")
 
-    # -- a clinician is refused the Review tab --------------------------------------------------
+    # -- a clinician stops an answer half-way, and is refused the Review tab ------------------------
     page3 = sign_in(browser, app, "cara")
     assert not page3.locator("#consult-save").is_visible()  # no expert rating controls either
+    page3.set_input_files("#dl-images input[type=file]", [str(EXAMPLE)])
+    page3.wait_for_selector("#dl-images >> text=irregular-pigmented-lesion.png")
+    page3.fill("#dl-question textarea", "Is this urgent?")
+    page3.click("#dl-ask")
+    page3.wait_for_function("document.querySelector('#dl-chat').innerText.includes('▌')")
+    page3.click("#dl-stop")
+    page3.wait_for_selector("#dl-chat >> text=stopped")
+    assert app_turns(app)["status"].iloc[-1] == "stopped"
     open_tab(page3, "Review")
     page3.wait_for_selector("#review-refused >> text=access refused")
     assert not page3.locator("#review-save").is_visible()
     shot(page3, "review-refused-clinician")
 
 
-def app_answer(app: App) -> str:
+def app_turns(app: App):
     from annotation_db.export import frames
 
     with app.store.session() as s:
-        return frames(s)["turns"]["answer"].iloc[-1]
+        return frames(s)["turns"]
+
+
+def app_answer(app: App) -> str:
+    return app_turns(app)["answer"].iloc[-1]
