@@ -8,7 +8,6 @@ its input before anything is stored; every turn is recorded with its images
 
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -102,7 +101,6 @@ class Consult:
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
         self._running: dict[str, Any] = {}  # session -> the Generation streaming for it (for Stop)
-        self._lock = threading.Lock()
 
     # -- shared by the page and the API ------------------------------------------
     def _intake(self, files: Any) -> list[StoredImage]:

@@ -6,7 +6,6 @@ gr.BarPlot / gr.LinePlot / gr.Dataframe), `.export` writes the store through
 download, `.rollback` (admins only) re-activates an earlier version.
 """
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any

@@ -164,3 +164,28 @@ def test_an_unreachable_model_falls_back_to_the_offline_demo_model(tmp_path, der
         again.store.dispose()
     finally:
         runtime.store.dispose()
+
+
+def test_oauth_mode_shows_the_hugging_face_login_button(tiny_engine, tiny_model_dir, dermaloop_home, monkeypatch):
+    import gradio.oauth as go
+
+    from annotation_db.db import Store
+
+    # What a Space with `hf_oauth: true` provides (nothing is contacted while building the app).
+    monkeypatch.setattr(go, "get_space", lambda: "someone/dermaloop")
+    for name, value in (("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(go, name, value)
+    from core.config import Settings
+    from demo.app import build_demo, launch_kwargs
+
+    settings = Settings.from_env(model=str(tiny_model_dir))
+    store = Store.open(settings.db_url)
+    try:
+        demo = build_demo(settings, tiny_engine, store, auth=AuthConfig.oauth("ada=admin"))
+        kinds = {c["type"] for c in demo.config["components"]}
+        assert "loginbutton" in kinds or "button" in kinds
+        assert any(c.get("props", {}).get("value") == "Sign in with Hugging Face" for c in demo.config["components"])
+        assert "auth" not in launch_kwargs(demo)  # no password form: OAuth signs people in
+    finally:
+        store.dispose()
