@@ -14,14 +14,16 @@ commits the whole unit or rolls it back, so no half-written row is ever kept.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import String, case, cast, func, select
+from sqlalchemy.orm import Session, aliased
 
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect
 from .errors import InvalidInput, NotFound
@@ -34,6 +36,7 @@ from .models import (
     Rating,
     RatingKind,
     Role,
+    TrainingRunRating,
     Turn,
     TurnStatus,
     User,
@@ -392,6 +395,23 @@ class GoldResult:
         return sorted({i for p in self.pairs for i in p.rating_ids})
 
 
+def _effective(roles: Sequence[Role], turn_ids: Sequence[int] | None = None):
+    """The effective ratings: each rater's latest full rating per turn, raters in `roles`.
+
+    "No later full rating by the same rater on the turn": one probe of the
+    (turn_id, rater_id, id) index per rating, in turn order, so no sort is needed.
+    """
+    later = aliased(Rating)
+    q = (
+        select(Rating.turn_id, Rating.id, Rating.score, Rating.correction)
+        .join(User, User.id == Rating.rater_id)
+        .where(Rating.kind == RatingKind.full, User.role.in_(roles))
+        .where(~select(later.id).where(later.turn_id == Rating.turn_id, later.rater_id == Rating.rater_id,
+                                       later.kind == RatingKind.full, later.id > Rating.id).exists())
+    )
+    return q if turn_ids is None else q.where(Rating.turn_id.in_(turn_ids))
+
+
 def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str] = ("expert",),
                since_version_id: int | None = None) -> GoldResult:
     """Resolve the effective expert ratings of every turn into one training target.
@@ -401,82 +421,110 @@ def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str
     an uncorrected answer whose mean score is >= `accept_threshold` is accepted as it
     is; the rest are left out. With `since_version_id`, only pairs that version has
     not learned from (rating ids outside its lineage, ancestors included).
+
+    One query resolves every turn in the database (its effective ratings counted,
+    summed and listed, the winning correction joined in), so Python only builds the
+    results; a second fetches the images, a third the rare possible conflicts.
     """
     roles_ = [Role(r) for r in roles]
-    latest = (
-        select(func.max(Rating.id))
-        .join(User, User.id == Rating.rater_id)
-        .where(Rating.kind == RatingKind.full, User.role.in_(roles_))
-        .group_by(Rating.turn_id, Rating.rater_id)
-    )
-    # 1. the effective ratings alone (small rows), resolved per turn
-    rows = s.execute(
-        select(Rating.turn_id, Rating.id, Rating.score, Rating.correction)
-        .where(Rating.id.in_(latest))
-        .order_by(Rating.turn_id, Rating.id)
-    ).all()
-    known: set[int] = set()
+    eff = _effective(roles_).subquery()
+    win = aliased(Rating)
+    per_turn = [
+        eff.c.turn_id,
+        func.count().label("n"),
+        func.sum(eff.c.score).label("total"),
+        func.aggregate_strings(cast(eff.c.id, String), ",").label("ids"),
+        func.max(case((eff.c.correction.is_not(None), eff.c.id))).label("win_id"),
+        # two different corrections at least (no DISTINCT, so no sort: checked in Python)
+        (func.min(eff.c.correction) != func.max(eff.c.correction)).label("differ"),
+    ]
+    q = select(*per_turn).group_by(eff.c.turn_id)
     if since_version_id is not None:
-        from .versions import lineage_rating_ids
+        from .versions import _run_ids
 
-        known = lineage_rating_ids(s, since_version_id)
-    by_turn: dict[int, list] = defaultdict(list)
-    for r in rows:
-        by_turn[r[0]].append(r)
+        runs = _run_ids(s, since_version_id, ancestors=True)
+        if runs:  # keep a turn unless that version learned from all its effective ratings
+            known = select(TrainingRunRating.rating_id).where(TrainingRunRating.run_id.in_(runs))
+            q = q.having(func.sum(case((eff.c.id.in_(known), 1), else_=0)) < func.count())
+    r = q.subquery()
+    rows = (
+        select(r.c.turn_id, r.c.n, r.c.total, r.c.ids, r.c.differ, win.correction,
+               Turn.conversation_id, Turn.seq, Turn.question, Turn.answer, Turn.template, Turn.status,
+               Turn.model_version_id, Turn.created_at, Conversation.context)
+        .join(Turn, Turn.id == r.c.turn_id)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .outerjoin(win, win.id == r.c.win_id)
+        .order_by(r.c.turn_id)
+    )
+    with _gc_paused():
+        result, maybe_conflicts = _build(s, s.execute(rows).all(), accept_threshold)
+    result.conflicts = _conflicts(s, roles_, maybe_conflicts)
+    return result
+
+
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while 100 000s of objects are built (none are cycles):
+    otherwise the collector re-scans the growing heap again and again (a third of the time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _build(s: Session, rows: Sequence, accept_threshold: float) -> tuple[GoldResult, list[int]]:
+    """The pairs, preference pairs and left-out turns from one row per rated turn, and the
+    turns whose experts may have corrected differently."""
     result = GoldResult()
-    chosen: dict[int, tuple] = {}  # turn id -> (target or None for the answer, source, ids, mean)
-    for turn_id, rs in by_turn.items():
-        ids = [r[1] for r in rs]
-        if known and set(ids) <= known:
-            continue
-        corrected = [r for r in rs if r[3] is not None]
-        mean = sum(r[2] for r in rs) / len(rs)
-        if corrected:
-            win = corrected[-1]  # ids grow with time: the most recent correction
-            if len({r[3].strip() for r in corrected}) > 1:
-                result.conflicts.append(GoldConflict(turn_id, [r[1] for r in corrected],
-                                                     [r[3] for r in corrected], win[1]))
-            chosen[turn_id] = (win[3], "expert", ids, mean)
-        elif mean >= accept_threshold:
-            chosen[turn_id] = (None, "accepted", ids, mean)
+    kept, maybe_conflicts = [], []  # rows unpacked once: attribute access on 80 000 rows is slow
+    for row in rows:
+        turn_id, n, total, ids, differ, correction, *_, status, _, _, _ = row
+        if differ:
+            maybe_conflicts.append(turn_id)
+        if correction is not None:
+            if status is not TurnStatus.error:  # a correction wins on any turn but an error
+                kept.append(row)
+        elif total / n >= accept_threshold and status is TurnStatus.complete:
+            kept.append(row)
         else:
             result.left_out.append(turn_id)
-    # 2. the turns behind the chosen pairs
-    turn_ids = sorted(chosen)
-    turns = []
-    for i in range(0, len(turn_ids), 900):
-        turns += s.execute(
-            select(Turn.id, Turn.conversation_id, Turn.seq, Turn.question, Turn.answer, Turn.template,
-                   Turn.status, Turn.model_version_id, Turn.created_at, Conversation.context)
-            .join(Conversation, Conversation.id == Turn.conversation_id)
-            .where(Turn.id.in_(turn_ids[i:i + 900]))
-        ).all()
-    turns.sort(key=lambda t: t.id)
-    images = _turn_images(s, {t.conversation_id for t in turns})
-    for t in turns:
-        target, source, ids, mean = chosen[t.id]
-        if t.status is TurnStatus.error or (source == "accepted" and t.status is not TurnStatus.complete):
-            if source == "accepted":
-                result.left_out.append(t.id)
-            continue
-        target = t.answer if target is None else target
-        hashes = images_up_to(images[t.conversation_id], t.seq)
-        created = as_utc(t.created_at)
-        context = t.context or {}
+    images = _turn_images(s, {row[6] for row in kept})
+    for (turn_id, n, total, ids, _, correction, conv_id, seq, question, answer, template, _,
+         version_id, created, context) in kept:
+        ids = sorted(map(int, ids.split(",")))
+        source, target = ("accepted", answer) if correction is None else ("expert", correction)
+        hashes = images_up_to(images[conv_id], seq)
+        created = as_utc(created)
+        context = context or {}
         result.pairs.append(GoldPair(
-            turn_id=t.id, conversation_id=t.conversation_id, seq=t.seq, image_hashes=hashes,
-            question=t.question, context=context, template=t.template, target=target,
-            source=source, rating_ids=ids, model_answer=t.answer, model_version_id=t.model_version_id,
-            created=created, mean_score=mean,
+            turn_id=turn_id, conversation_id=conv_id, seq=seq, image_hashes=hashes, question=question,
+            context=context, template=template, target=target, source=source, rating_ids=ids,
+            model_answer=answer, model_version_id=version_id, created=created, mean_score=total / n,
         ))
-        if source == "expert" and target.strip() != t.answer.strip():
+        if correction is not None and target.strip() != answer.strip():
             result.preference_pairs.append(PreferencePair(
-                turn_id=t.id, image_hashes=hashes, question=t.question, context=context,
-                template=t.template, chosen=target, rejected=t.answer, rating_ids=ids,
-                model_version_id=t.model_version_id, created=created,
+                turn_id=turn_id, image_hashes=hashes, question=question, context=context,
+                template=template, chosen=target, rejected=answer, rating_ids=ids,
+                model_version_id=version_id, created=created,
             ))
-    result.left_out.sort()
-    return result
+    return result, maybe_conflicts
+
+
+def _conflicts(s: Session, roles: list[Role], turn_ids: list[int]) -> list[GoldConflict]:
+    """The turns whose effective corrections differ (beyond surrounding whitespace)."""
+    out = []
+    for i in range(0, len(turn_ids), 900):
+        by_turn: dict[int, list] = defaultdict(list)
+        for r in s.execute(_effective(roles, turn_ids[i:i + 900]).where(Rating.correction.is_not(None))
+                           .order_by(Rating.turn_id, Rating.id)):
+            by_turn[r.turn_id].append(r)
+        for turn_id, rs in by_turn.items():
+            if len({r.correction.strip() for r in rs}) > 1:
+                out.append(GoldConflict(turn_id, [r.id for r in rs], [r.correction for r in rs], rs[-1].id))
+    return out
 
 
 from .stats import agreement, stats_by_version, stats_over_time  # noqa: E402,F401  re-exported
