@@ -192,23 +192,13 @@ OFFLINE_NO_ADAPTER = Path()  # offline, but no trained adapter to register
 
 
 def offline_model(settings: Settings, progress: Callable[[str], None] = print) -> tuple[Path, Path | None]:
-    """(base dir, adapter dir or None) of the offline demo model: `training.demo_model` when present,
-    else an untrained tiny model cached in the data directory."""
-    try:
-        from training.demo_model import ensure_demo_model
-    except ImportError:
-        ensure_demo_model = None
-    if ensure_demo_model is not None:
-        dm = ensure_demo_model(settings, progress=progress)
-        adapter = getattr(dm, "adapter_dir", None)
-        return Path(dm.base_dir), Path(adapter) if adapter else None
-    from core.tiny import build_tiny_model  # fallback until the trained demo model exists
+    """(base dir, adapter dir or None) of the offline demo model, built and cached by `training.demo_model`
+    on first use (it also registers its adapter as the active version)."""
+    from training.demo_model import ensure_demo_model
 
-    out = settings.models_dir / "offline-demo-base"
-    if not (out / "config.json").exists():
-        progress(f"building the offline demo model in {out} ...")
-        build_tiny_model(out, family="smolvlm", seed=0)
-    return out, None
+    dm = ensure_demo_model(settings, progress=progress)
+    adapter = getattr(dm, "adapter_dir", None)
+    return Path(dm.base_dir), Path(adapter) if adapter else None
 
 
 def start(
