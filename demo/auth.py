@@ -107,7 +107,7 @@ class AuthConfig:
             if not name or name not in self.users:
                 raise Denied("please sign in first")
             return Identity(name, self.users[name].role)
-        name = oauth_username(request)
+        name = oauth_username(request) or token_username(request)
         if not name:
             raise Denied("please sign in with Hugging Face first (the button at the top)")
         return Identity(name, self.oauth_roles.get(name, self.default_role))
@@ -143,6 +143,34 @@ def oauth_username(request: Any) -> str | None:
         return None
     user = info.get("userinfo") or {}
     return user.get("preferred_username") or user.get("name")
+
+
+_TOKEN_USERS: dict[str, tuple[str, float]] = {}  # sha256(token) -> (username, checked at)
+
+
+def token_username(request: Any, whoami: Any = None) -> str | None:
+    """API calls on a Space (gradio_client's `hf_token=`) carry a Hugging Face token, not a session:
+    the Hub says whose it is (cached ten minutes; only a hash of the token is kept)."""
+    import hashlib
+
+    headers = getattr(request, "headers", None) if request is not None else None
+    auth = (headers.get("authorization") or headers.get("Authorization") or "") if headers else ""
+    if not auth.lower().startswith("bearer "):
+        return None
+    token = auth[7:].strip()
+    key = hashlib.sha256(token.encode()).hexdigest()
+    cached = _TOKEN_USERS.get(key)
+    if cached and time.time() - cached[1] < 600:
+        return cached[0]
+    if whoami is None:
+        from huggingface_hub import whoami
+    try:
+        name = whoami(token=token).get("name")
+    except Exception:  # an invalid token, or the Hub unreachable: not signed in
+        return None
+    if name:
+        _TOKEN_USERS[key] = (name, time.time())
+    return name
 
 
 def parse_roles(text: str) -> dict[str, str]:

@@ -116,6 +116,17 @@ def test_oauth_roles_from_the_allow_list(monkeypatch):
     assert oauth_username(expired) is None
     with pytest.raises(Denied, match="Hugging Face"):
         auth.identify(SimpleNamespace(request=None, session={}))
+    # API calls (gradio_client's hf_token=) carry a token instead of a session: the Hub names its owner.
+    import huggingface_hub
+
+    asked: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token: asked.append(token) or
+                        ({"name": "bob"} if token == "hf_good" else (_ for _ in ()).throw(ValueError("401"))))
+    api_call = lambda token: SimpleNamespace(request=None, session={}, headers={"authorization": f"Bearer {token}"})
+    assert auth.identify(api_call("hf_good")).role == "expert"
+    assert auth.identify(api_call("hf_good")).name == "bob" and asked == ["hf_good"]  # cached
+    with pytest.raises(Denied):
+        auth.identify(api_call("hf_bad"))
     monkeypatch.setenv("SPACE_ID", "someone/dermaloop")
     monkeypatch.setenv("OAUTH_CLIENT_ID", "x")
     monkeypatch.setenv("DERMALOOP_ROLES", "bob=expert")
@@ -173,3 +184,28 @@ def test_an_unreachable_model_falls_back_to_the_offline_demo_model(tmp_path, der
         runtime.store.dispose()
     with pytest.raises(Exception, match="could not load model"):
         start(settings, DemoOptions(offline_fallback=False))
+
+
+def test_oauth_mode_shows_the_hugging_face_login_button(tiny_engine, tiny_model_dir, dermaloop_home, monkeypatch):
+    import gradio.oauth as go
+
+    from annotation_db.db import Store
+
+    # What a Space with `hf_oauth: true` provides (nothing is contacted while building the app).
+    monkeypatch.setattr(go, "get_space", lambda: "someone/dermaloop")
+    for name, value in (("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(go, name, value)
+    from core.config import Settings
+    from demo.app import build_demo, launch_kwargs
+
+    settings = Settings.from_env(model=str(tiny_model_dir))
+    store = Store.open(settings.db_url)
+    try:
+        demo = build_demo(settings, tiny_engine, store, auth=AuthConfig.oauth("ada=admin"))
+        kinds = {c["type"] for c in demo.config["components"]}
+        assert "loginbutton" in kinds or "button" in kinds
+        assert any(c.get("props", {}).get("value") == "Sign in with Hugging Face" for c in demo.config["components"])
+        assert "auth" not in launch_kwargs(demo)  # no password form: OAuth signs people in
+    finally:
+        store.dispose()
