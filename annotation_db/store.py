@@ -444,8 +444,10 @@ def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str
 
         runs = _run_ids(s, since_version_id, ancestors=True)
         if runs:  # keep a turn unless that version learned from all its effective ratings
-            known = select(TrainingRunRating.rating_id).where(TrainingRunRating.run_id.in_(runs))
-            q = q.having(func.sum(case((eff.c.id.in_(known), 1), else_=0)) < func.count())
+            known = (select(TrainingRunRating.rating_id).where(TrainingRunRating.run_id.in_(runs))
+                     .distinct().subquery())
+            q = (q.select_from(eff.outerjoin(known, known.c.rating_id == eff.c.id))
+                 .having(func.count(known.c.rating_id) < func.count()))
     r = q.subquery()
     rows = (
         select(r.c.turn_id, r.c.n, r.c.total, r.c.ids, r.c.differ, win.correction,
