@@ -50,8 +50,12 @@ def browser():
         b.close()
 
 
+PAGES: list = []  # every page opened, screenshotted if the test fails
+
+
 def sign_in(browser, app: App, name: str):
     page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    PAGES.append(page)
     page.set_default_timeout(30_000)
     page.goto(app.url)
     page.fill("input[type=text]", name)
@@ -59,6 +63,22 @@ def sign_in(browser, app: App, name: str):
     page.get_by_role("button", name="Login").click()
     page.wait_for_selector("#dl-who >> text=Signed in as")
     return page
+
+
+def upload(page, path: Path) -> None:
+    """Upload through the file input and wait until the box shows the file. The input can be
+    re-rendered while the page settles (seen on a loaded machine), so a lost upload is retried."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    shown = f"document.querySelector('#dl-images').innerText.includes('{path.name}')"
+    for attempt in range(3):
+        page.set_input_files("#dl-images input[type=file]", [str(path)])
+        try:
+            page.wait_for_function(shown, timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 def open_tab(page, name: str) -> None:
@@ -71,11 +91,21 @@ def shot(page, name: str) -> None:
 
 
 def test_ask_rate_review_insights_and_roles(app, browser):
+    try:
+        flow(app, browser)
+    except Exception:
+        for i, page in enumerate(PAGES):
+            shot(page, f"failure-{i}")
+        raise
+    finally:
+        PAGES.clear()
+
+
+def flow(app: App, browser) -> None:
     # -- an expert asks and sees the answer stream in, with its model version -------------
     page = sign_in(browser, app, "eve")
     assert "Research use only" in page.inner_text("#dl-notice")
-    page.set_input_files("#dl-images input[type=file]", [str(EXAMPLE)])
-    page.wait_for_selector("#dl-images >> text=irregular-pigmented-lesion.png")
+    upload(page, EXAMPLE)
     page.fill("#dl-question textarea", "What is this lesion and what should be done?")
     page.click("#dl-ask")
     chat = page.locator("#dl-chat")
@@ -123,8 +153,7 @@ def test_ask_rate_review_insights_and_roles(app, browser):
     # -- a clinician stops an answer half-way, and is refused the Review tab ------------------------
     page3 = sign_in(browser, app, "cara")
     assert not page3.locator("#consult-save").is_visible()  # no expert rating controls either
-    page3.set_input_files("#dl-images input[type=file]", [str(EXAMPLE)])
-    page3.wait_for_selector("#dl-images >> text=irregular-pigmented-lesion.png")
+    upload(page3, EXAMPLE)
     page3.fill("#dl-question textarea", "Is this urgent?")
     page3.click("#dl-ask")
     page3.wait_for_function("document.querySelector('#dl-chat').innerText.includes('▌')")
