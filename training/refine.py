@@ -472,6 +472,7 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
     from annotation_db import store as st
     from core.config import GenerationSettings
     from core.engine import Engine
+    from core.errors import ModelLoadError
     from core.models import load_model
     from training.gate import decide, evaluate_versions
     from training.modelcard import loss_svg, model_card, run_markdown
@@ -497,15 +498,18 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
     reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size, metrics=metrics,
                                 generation=gen, progress=progress)
     active_name = active_info["name"] if active_info else "base"
-    if active_info is None:
-        act_engine, act_version = cand_engine, "base"
-    else:
-        act_engine = engine_for(active_info["base"])
-        if active_info["adapter"]:
-            act_engine.add_adapter(active_name, active_info["adapter"])
-        else:
-            act_engine.add_base_version(active_name)
-        act_version = active_name
+    act_engine, act_version = cand_engine, "base"
+    if active_info is not None:
+        try:
+            act_engine = engine_for(active_info["base"])
+            if active_info["adapter"]:
+                act_engine.add_adapter(active_name, active_info["adapter"])
+            else:
+                act_engine.add_base_version(active_name)
+            act_version = active_name
+        except ModelLoadError as e:  # e.g. the hub model of the active version is unreachable offline
+            out(f"refine: cannot load the active version {active_name} ({e}); comparing with the bare base instead")
+            act_engine, act_version, active_name = cand_engine, "base", f"bare base (active {active_name} unavailable)"
     reports.update(evaluate_versions(act_engine, plan.heldout, [act_version], batch_size=cfg.eval_batch_size,
                                      metrics=metrics, generation=gen, progress=progress))
     rep_c, rep_a = reports["candidate"], reports[act_version]
