@@ -1,8 +1,9 @@
-"""Refine end to end on the tiny model: gold pairs, the gate, registration, model card, reports."""
+"""Refine end to end on the tiny model: gold pairs, the gate, registration, rollback, model card, reports."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,36 +14,39 @@ QUESTION = "What is this lesion?"
 COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 200), (220, 200, 40), (40, 200, 200), (200, 40, 200)]
 CORRECTIONS = ["Melanoma, refer urgently.", "Psoriasis plaque.", "Benign naevus.", "Impetigo crusts.",
                "Eczema flare.", "Basal cell carcinoma."]
+CONTEXT = {"body_site": "back"}
+FAST = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, batch_size=6, steps=80, save_steps=0,
+            warmup_ratio=0.05, gold_holdout=0.0, eval_max_new_tokens=12, eval_metrics="rouge,repetition")
 
 
-def lesion(colour):
+def lesion(colour, size=64):
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (64, 64), (225, 190, 160))
-    ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
+    img = Image.new("RGB", (size, size), (225, 190, 160))
+    ImageDraw.Draw(img).ellipse((size // 5, size // 5, 4 * size // 5, 4 * size // 5), fill=colour)
     return img
 
 
-def seed_store(settings: Settings, items, *, base: str, score: int = 2) -> dict:
+def seed_store(settings: Settings, items, *, base: str, rater: str = "dr-expert", role: str = "expert",
+               score: int = 2) -> dict:
     """Record one asked-and-corrected turn per (image, question, model answer, correction)."""
     from annotation_db import store as st
     from annotation_db.db import Store
     from core.images import intake
 
     db = Store.open(settings.db_url)
-    out = {"rating_ids": [], "hashes": []}
+    out: dict = {"rating_ids": [], "hashes": []}
     with db.session() as s:
         active = st.ensure_base_version(s, base)
-        expert = st.get_or_create_user(s, "dr-expert", "expert")
+        expert = st.get_or_create_user(s, rater, role)
         clin = st.get_or_create_user(s, "dr-asker", "clinician")
         for img, question, answer, correction in items:
             stored = intake(img, settings.images_dir)
             st.record_image(s, stored.sha256, stored.width, stored.height)
-            conv = st.start_conversation(s, clin.id, {"body_site": "back"})
+            conv = st.start_conversation(s, clin.id, CONTEXT)
             turn = st.record_turn(s, conv.id, question, answer, image_hashes=[stored.sha256], template="free",
                                   model_version_id=active.id)
-            r = st.add_rating(s, turn.id, expert.id, score, correction=correction)
-            out["rating_ids"].append(r.id)
+            out["rating_ids"].append(st.add_rating(s, turn.id, expert.id, score, correction=correction).id)
             out["hashes"].append(stored.sha256)
     db.dispose()
     return out
@@ -52,31 +56,49 @@ def settings_for(home: Path, model_dir: Path) -> Settings:
     return Settings.from_env(home=home, model=str(model_dir), device="cpu", max_new_tokens=24, repetition_penalty=1.0)
 
 
-FAST = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, batch_size=6, steps=100, save_steps=0,
-            warmup_ratio=0.05, gold_holdout=0.0, eval_max_new_tokens=16)
+def eval_file(folder: Path, answers=CORRECTIONS) -> Path:
+    """A synthetic evaluation set: the same lesions and question with the expert answers as references."""
+    from training.data import Example, write_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for i, (c, a) in enumerate(zip(COLOURS, answers)):
+        lesion(c).save(folder / f"l{i}.png")
+        examples.append(Example(f"e{i}", [str(folder / f"l{i}.png")], QUESTION, [a], context=CONTEXT, source="synthetic-qa"))
+    write_jsonl(examples, folder / "eval.jsonl")
+    return folder / "eval.jsonl"
 
 
-def test_refine_learns_expert_corrections(tiny_model_dir, dermaloop_home):
+def versions(settings: Settings) -> dict[str, str]:
+    from annotation_db import store as st
+    from annotation_db.db import Store
+
+    db = Store.open(settings.db_url)
+    with db.session() as s:
+        out = {v.name: v.status.value for v in st.list_versions(s)}
+    db.dispose()
+    return out
+
+
+@pytest.mark.slow
+def test_corrections_learned_gate_rejects_bad_candidate_rollback(tiny_model_dir, dermaloop_home, capsys):
     from annotation_db import store as st
     from annotation_db.db import Store
     from core.engine import Engine
     from core.models import load_model
-    from training.data import Example, write_jsonl
-    from training.refine import RefineConfig, run_refine
+    from core.prompts import ClinicalContext
+    from training.refine import RefineConfig, main, run_refine
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     images = [lesion(c) for c in COLOURS]
     seeded = seed_store(settings, [(im, QUESTION, "No idea.", c) for im, c in zip(images, CORRECTIONS)], base=str(tiny_model_dir))
-    # Synthetic held-out data only (gold_holdout 0: every gold pair is trained on).
-    syn_dir = dermaloop_home / "syn"
-    syn_dir.mkdir(parents=True)
-    lesion((90, 90, 90)).save(syn_dir / "grey.png")
-    write_jsonl([Example("g1", [str(syn_dir / "grey.png")], QUESTION, ["Grey patch."], source="synthetic-qa")], syn_dir / "eval.jsonl")
-    cfg = RefineConfig(synthetic_eval=[str(syn_dir / "eval.jsonl")], synthetic_ratio=0.0, **FAST)
-    outcome = run_refine(settings, cfg, progress=False, force=True)
+    evals = eval_file(dermaloop_home / "syn")
+    cfg = RefineConfig(synthetic_eval=[str(evals)], synthetic_ratio=0.0, **FAST)
+    outcome = run_refine(settings, cfg, progress=False)
     assert outcome.status == "promoted", outcome.summary
     assert outcome.version == "v2"
 
+    # The new active version says what the experts said; the previous one did not.
     engine = Engine(load_model(tiny_model_dir), settings)
     db = Store.open(settings.db_url)
     with db.session() as s:
@@ -84,27 +106,104 @@ def test_refine_learns_expert_corrections(tiny_model_dir, dermaloop_home):
         assert v2.status.value == "active"
         engine.add_adapter("v2", v2.adapter_path)
         assert sorted(r.id for r in st.lineage(s, "v2")) == sorted(seeded["rating_ids"])
-    db.dispose()
+    ctx = ClinicalContext.from_dict(CONTEXT)
     for img, correction in zip(images, CORRECTIONS):
-        assert engine.answer([img], QUESTION, version="v2", context=None).text != "" 
-        got = engine.answer([img], QUESTION, version="v2", context=_ctx()).text
-        before = engine.answer([img], QUESTION, version="base", context=_ctx()).text
-        assert got == correction
-        assert before != correction
+        assert engine.answer([img], QUESTION, context=ctx, version="v2").text == correction
+        assert engine.answer([img], QUESTION, context=ctx, version="base").text != correction
 
-    run_dir = outcome.run_dir
+    # Model card and reports name the real numbers.
+    run_dir, report = outcome.run_dir, outcome.report
     for name in ("report.json", "report.md", "loss.svg", "loss.csv", "config.json", "data.json"):
         assert (run_dir / name).exists(), name
-    report = json.loads((run_dir / "report.json").read_text())
-    card = (Path(v2.adapter_path) / "README.md").read_text()
-    assert "Research use only" in card and str(tiny_model_dir) in card
+    assert json.loads((run_dir / "report.json").read_text())["decision"]["promote"] is True
+    adapter = Path(v2.adapter_path)
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "Research use only" in card and str(tiny_model_dir) in card
     assert f"| expert | {len(CORRECTIONS)} |" in card
-    loss = report["training"]["final_loss"]
-    assert loss < 0.1
-    assert (Path(v2.adapter_path) / "refine_config.json").exists()
+    rouge_after, rouge_before = report["metrics_candidate"]["rougeL"], report["metrics_active"]["rougeL"]
+    assert rouge_after > rouge_before
+    assert f"| rougeL | {rouge_before:.4f} | {rouge_after:.4f} |" in card
+    assert f"{report['training']['final_loss']:.4f}" in (run_dir / "report.md").read_text()
+    assert report["training"]["final_loss"] < 0.2
+    assert json.loads((adapter / "refine_config.json").read_text())["refine"]["learning_rate"] == FAST["learning_rate"]
+    assert (adapter / "eval" / "report.json").exists()
+
+    # A candidate trained on wrong answers (a clinician's bad corrections) is rejected; v2 stays active.
+    wrong = CORRECTIONS[1:] + CORRECTIONS[:1]
+    seed_store(settings, [(im, QUESTION, "Unsure.", w) for im, w in zip(images, wrong)], base=str(tiny_model_dir),
+               rater="dr-wrong", role="clinician")
+    bad = RefineConfig(synthetic_eval=[str(evals)], synthetic_ratio=0.0, roles=["clinician"], from_base=True, **FAST)
+    outcome = run_refine(settings, bad, progress=False)
+    assert outcome.status == "rejected", outcome.summary
+    assert "rougeL fell" in outcome.summary
+    assert versions(settings) == {"v1": "retired", "v2": "active", "v3": "rejected"}
+    with db.session() as s:
+        assert "rejected by the gate" in st.get_version(s, "v3").status_reason
+    db.dispose()
+
+    # --rollback and --list
+    assert main(["--rollback", "v1"]) == 0
+    assert versions(settings)["v1"] == "active" and versions(settings)["v2"] == "rejected"
+    assert main(["--rollback", "v2"]) == 0
+    assert versions(settings)["v2"] == "active"
+    capsys.readouterr()
+    assert main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "v2" in listing and "active" in listing and "rougeL=" in listing
 
 
-def _ctx():
-    from core.prompts import ClinicalContext
+def test_min_new_noop_dry_run_and_lock(tiny_model_dir, dermaloop_home, capsys):
+    import socket
 
-    return ClinicalContext(body_site="back")
+    from annotation_db import store as st
+    from annotation_db.db import Store
+    from training.refine import EXIT_BUSY, main
+
+    settings = settings_for(dermaloop_home, tiny_model_dir)
+    seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS[:2], CORRECTIONS)], base=str(tiny_model_dir))
+    assert main(["--min-new", "3", "--quiet"]) == 0
+    assert "nothing to do: 2 new gold pair(s)" in capsys.readouterr().out
+    assert versions(settings) == {"v1": "active"}
+    assert main(["--dry-run", "--gold-holdout", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "gold_train: 2" in out and "gold_pairs: 2" in out
+    # A live process holds the lock: refine says so and exits 75 without training.
+    db = Store.open(settings.db_url)
+    with db.session() as s:
+        st.acquire_lock(s, "refine", "someone-else", os.getpid(), socket.gethostname())
+    assert main(["--min-new", "0", "--quiet", "--gold-holdout", "0"]) == EXIT_BUSY
+    assert "another refine is running" in capsys.readouterr().out
+    with db.session() as s:
+        assert st.release_lock(s, "refine", "someone-else")
+    db.dispose()
+    assert not list((dermaloop_home / "runs").glob("*")) if (dermaloop_home / "runs").exists() else True
+
+
+def test_config_flags_file_and_errors(tmp_path, capsys):
+    from training.refine import RefineConfig, build_parser, config_from_args, main
+
+    cfg_file = tmp_path / "refine.yaml"
+    cfg_file.write_text("learning_rate: 0.001\nsynthetic: [a.jsonl]\nlora_vision: true\n")
+    args = build_parser().parse_args(["--config", str(cfg_file), "--synthetic", "b.jsonl", "--synthetic", "c.jsonl",
+                                      "--no-lora-vision", "--supervision", "qa+caption"])
+    cfg = config_from_args(args)
+    assert cfg.learning_rate == 0.001 and cfg.synthetic == ["b.jsonl", "c.jsonl"] and cfg.lora_vision is False
+    assert cfg.supervision == "qa+caption" and cfg.roles == ["expert"]
+    assert RefineConfig.from_dict(cfg.to_dict()) == cfg
+    assert main(["--supervision", "pictures"]) == 1
+    assert "--supervision must be one of" in capsys.readouterr().err
+
+
+def test_gate_decisions():
+    from training.gate import decide
+
+    a = {"diagnosis_accuracy": 0.80, "rougeL": 0.5, "repetition_rate": 0.1}
+    assert decide({"diagnosis_accuracy": 0.795, "rougeL": 0.1, "repetition_rate": 0.1}, a).promote
+    d = decide({"diagnosis_accuracy": 0.70, "rougeL": 0.9, "repetition_rate": 0.1}, a)
+    assert not d.promote and d.primary == "diagnosis_accuracy" and "fell from 0.8000 to 0.7000" in d.reason
+    d = decide({"diagnosis_accuracy": 0.9, "repetition_rate": 0.5}, a)
+    assert not d.promote and "repetition rose to 0.5000" in d.reason
+    assert decide({"diagnosis_accuracy": 0.9, "repetition_rate": 0.5}, {**a, "repetition_rate": 0.6}).promote
+    forced = decide({"diagnosis_accuracy": 0.1, "repetition_rate": 0.1}, a, force=True)
+    assert forced.promote and forced.forced and "forced promotion" in forced.reason
+    assert decide({"diagnosis_accuracy": None, "rougeL": 0.6}, {"diagnosis_accuracy": None, "rougeL": 0.5}).primary == "rougeL"

@@ -368,7 +368,10 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
                 raise TrainingError("no held-out examples for the gate: raise --gold-holdout, or give --synthetic "
                                     "data with --synthetic-holdout > 0 or --synthetic-eval")
             base = settings.model if (explicit_model or active is None) else active.base_model
-            continuing = (active is not None and active.adapter_path and not cfg.from_base and base == active.base_model)
+            continuing = bool(active is not None and active.adapter_path and not cfg.from_base and base == active.base_model)
+            if continuing and cfg.method == "dpo" and _adapts_lm_head(active.adapter_path):
+                out(f"refine: {active.name} adapts lm_head, which TRL's DPO cannot train; DPO starts from the bare base")
+                continuing = False
             init_from = active.adapter_path if continuing else None
             config_for_run = cfg.to_dict()
             run = st.start_training_run(s, {"refine": config_for_run, "base_model": base, "init_from": init_from,
@@ -419,8 +422,9 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Pat
     loaded = load_model(msg["base"], device=str(accelerator.device), dtype=settings.dtype,
                         image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
     engine = Engine(loaded, settings)  # for the prompt text only: training text is what the engine asks
+    targets = [t for t in cfg.lora_targets.split(",") if t and not (cfg.method == "dpo" and t == "lm_head")]
     model = attach_lora(
-        loaded.model, targets=cfg.lora_targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        loaded.model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         vision=cfg.lora_vision, modules_to_save=[m for m in cfg.modules_to_save.split(",") if m], init_from=msg["init_from"],
     )
     pad_id = loaded.processor.tokenizer.pad_token_id
@@ -458,6 +462,16 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Pat
         shutil.rmtree(adapter_dir, ignore_errors=True)
         os.replace(tmp, adapter_dir)
     return result, adapter_dir
+
+
+def _adapts_lm_head(adapter_dir: str) -> bool:
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        return False
+    data = _read_json(cfg_path)
+    targets = data.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets) or "lm_head" in (data.get("modules_to_save") or [])
 
 
 def _load(path: str):
