@@ -67,9 +67,9 @@ def create(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own progress at INFO; libraries (alembic, httpx, absl...) only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dermaloop").setLevel(logging.INFO)
     demo, kwargs = create(argv)
     runtime = demo.dermaloop.runtime
     print(f"DermaLoop ready in {time.perf_counter() - _T0:.1f} s: model {runtime.engine.info.source} "
