@@ -55,7 +55,7 @@ def train_dpo(model: Any, processor: Any, engine: Any, plan: Any, cfg: Any, *, r
     ckpt_dir = run_dir / "checkpoints"
     args = DPOConfig(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=steps, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_steps=steps, learning_rate=cfg.learning_rate, warmup_steps=int(steps * cfg.warmup_ratio), weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm or 1e9, beta=cfg.dpo_beta, seed=cfg.seed, logging_steps=1, report_to=[],
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         save_total_limit=max(1, cfg.keep_checkpoints), use_cpu=accelerator.device.type == "cpu",
