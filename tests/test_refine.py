@@ -207,3 +207,26 @@ def test_gate_decisions():
     forced = decide({"diagnosis_accuracy": 0.1, "repetition_rate": 0.1}, a, force=True)
     assert forced.promote and forced.forced and "forced promotion" in forced.reason
     assert decide({"diagnosis_accuracy": None, "rougeL": 0.6}, {"diagnosis_accuracy": None, "rougeL": 0.5}).primary == "rougeL"
+
+
+@pytest.mark.slow
+def test_dpo_on_corrections_is_gated_and_registered(tiny_model_dir, dermaloop_home):
+    from annotation_db import store as st
+    from annotation_db.db import Store
+    from training.refine import RefineConfig, run_refine
+
+    settings = settings_for(dermaloop_home, tiny_model_dir)
+    seeded = seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS, CORRECTIONS)], base=str(tiny_model_dir))
+    evals = eval_file(dermaloop_home / "syn")
+    cfg = RefineConfig(method="dpo", synthetic_eval=[str(evals)], **{**FAST, "steps": 10, "learning_rate": 1e-3, "save_steps": 5})
+    outcome = run_refine(settings, cfg, progress=False, force=True)
+    assert outcome.status == "promoted" and outcome.version == "v2", outcome.summary
+    t = outcome.report["training"]
+    assert t["preference_pairs"] == len(CORRECTIONS) and t["reward_margin_last"] > 0
+    db = Store.open(settings.db_url)
+    with db.session() as s:
+        assert sorted(r.id for r in st.lineage(s, "v2")) == sorted(seeded["rating_ids"])
+        adapter = st.get_version(s, "v2").adapter_path
+    db.dispose()
+    cfg_json = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    assert "lm_head" not in str(cfg_json["target_modules"])  # TRL's DPO cannot train a LoRA on lm_head
