@@ -52,7 +52,7 @@ def demo_refine_config():
 
     return RefineConfig(
         synthetic_ratio=1.0, supervision="qa", min_new=0, gold_holdout=0.0, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-        steps=300, batch_size=16, learning_rate=5e-3, warmup_ratio=0.05, save_steps=100, eval_max_new_tokens=12,
+        steps=450, batch_size=16, learning_rate=5e-3, warmup_ratio=0.05, save_steps=100, eval_max_new_tokens=12,
         eval_batch_size=30, eval_metrics="rouge,diagnosis,repetition", max_repetition=1.0, tolerance=1.0,
     )
 
