@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from peft.utils import ModulesToSaveWrapper
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -198,6 +199,11 @@ class Engine:
         else:
             self.model.enable_adapters()
             self.model.set_adapter(name)
+            # transformers' enable_adapters() leaves peft's modules_to_save copies (e.g. a fully
+            # trained lm_head) switched off after disable_adapters(); switch them back on.
+            for module in self.model.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.enable_adapters(True)
 
     # -- answering --------------------------------------------------------
     def stream(

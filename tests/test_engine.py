@@ -13,14 +13,20 @@ from core.models import load_model
 from core.prompts import ChatTurn, ClinicalContext
 
 
-def _make_adapter(model_dir, out_dir, seed):
+def _make_adapter(model_dir, out_dir, seed, modules_to_save=None):
     """A random (non-zero) LoRA adapter in peft format, as refine would save it."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     base = load_model(model_dir).model
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"],
-                                                 init_lora_weights=False))
+    targets = ["q_proj", "v_proj"] if modules_to_save else ["q_proj", "v_proj", "lm_head"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=targets,
+                                                 init_lora_weights=False, modules_to_save=modules_to_save))
+    if modules_to_save:  # a fully trained copy of the module, as training would leave it
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    param.add_(torch.randn_like(param) * 0.5)
     peft_model.save_pretrained(out_dir)
     return out_dir
 
@@ -158,3 +164,15 @@ def test_tiny_models_are_deterministic_per_seed(tmp_path):
     c = load_model(build_tiny_model(tmp_path / "c", seed=4)).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_modules_to_save_adapter_survives_a_switch_through_the_base(tiny_model_dir, tmp_path):
+    """An adapter with a fully trained lm_head answers the same before and after the base was used."""
+    img = draw_lesion()
+    adapter = _make_adapter(tiny_model_dir, tmp_path / "mts", seed=5, modules_to_save=["lm_head"])
+    engine = Engine(load_model(tiny_model_dir), Settings.from_env(max_new_tokens=12))
+    engine.add_adapter("v2", adapter)
+    first = engine.answer([img], "What is it?", version="v2").text
+    base = engine.answer([img], "What is it?").text
+    assert first != base
+    assert engine.answer([img], "What is it?", version="v2").text == first
