@@ -11,6 +11,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from training.evaluate import format_value
+
 WARNING = (
     "**Research use only. Not a medical device.** This model's answers are not a diagnosis and must not guide "
     "the care of a patient; every output needs review by a qualified clinician."
@@ -21,21 +23,13 @@ OFFLINE_WARNING = (
 )
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
 def metrics_table(candidate: dict[str, Any], active: dict[str, Any] | None, names: Sequence[str] | None = None,
                   labels: tuple[str, str] = ("before (active)", "after (this version)")) -> str:
     names = list(names or [k for k in candidate if isinstance(candidate.get(k), (int, float)) or candidate.get(k) is None])
     if active is None:
-        rows = "".join(f"| {k} | {_fmt(candidate.get(k))} |\n" for k in names)
+        rows = "".join(f"| {k} | {format_value(candidate.get(k))} |\n" for k in names)
         return f"| metric | {labels[1]} |\n| --- | --- |\n{rows}"
-    rows = "".join(f"| {k} | {_fmt(active.get(k))} | {_fmt(candidate.get(k))} |\n" for k in names)
+    rows = "".join(f"| {k} | {format_value(active.get(k))} | {format_value(candidate.get(k))} |\n" for k in names)
     return f"| metric | {labels[0]} | {labels[1]} |\n| --- | --- | --- |\n{rows}"
 
 
@@ -134,8 +128,8 @@ def run_markdown(report: dict[str, Any]) -> str:
         f"- Outcome: **{report.get('outcome')}** {('— ' + d.get('reason', '')) if d else ''}",
         f"- Candidate: {report.get('candidate_version') or 'n/a'}; compared with: {report.get('active_version') or 'n/a'}",
         f"- Base model: `{report.get('base_model')}`; started from: {report.get('init_from') or 'the bare base'}",
-        f"- Method: {report.get('method')}; steps: {t.get('steps')}; examples/s: {_fmt(t.get('examples_per_s'))}; "
-        f"final loss: {_fmt(t.get('final_loss'))}; training time: {_fmt(t.get('seconds'))} s",
+        f"- Method: {report.get('method')}; steps: {t.get('steps')}; examples/s: {format_value(t.get('examples_per_s'))}; "
+        f"final loss: {format_value(t.get('final_loss'))}; training time: {format_value(t.get('seconds'))} s",
         "",
         "## Data",
         "",
