@@ -79,7 +79,7 @@ class ClinicalContext:
             if key == "age":
                 try:
                     value = int(float(value))
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # "old", "inf", "1e999"
                     raise InputError(f"age must be a number, not {value!r}") from None
             elif not isinstance(value, str):
                 value = str(value)

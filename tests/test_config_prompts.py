@@ -45,8 +45,9 @@ def test_context_renders_and_validates():
     assert ClinicalContext().render() == ""
     with pytest.raises(InputError, match="unknown context"):
         ClinicalContext.from_dict({"name": "Jane"})
-    with pytest.raises(InputError, match="age"):
-        ClinicalContext.from_dict({"age": "old"})
+    for bad_age in ("old", "inf", "1e999", "nan"):
+        with pytest.raises(InputError, match="age"):
+            ClinicalContext.from_dict({"age": bad_age})
     with pytest.raises(InputError, match="Fitzpatrick"):
         ClinicalContext(fitzpatrick="VII")
 
