@@ -66,6 +66,75 @@ def test_python_m_demo_explains_what_is_wrong(tmp_path):
     assert bad_db.returncode == 2 and "not a usable database URL" in bad_db.stderr and "Traceback" not in bad_db.stderr
 
 
+# ------------------------------------------------------------------------------ anonymous exposure
+
+
+class _Started(Exception):
+    """Raised by the stand-in for demo.runtime.start: the app got past its checks."""
+
+
+def _create(monkeypatch, argv, env=None):
+    """Run `create(argv)` with the model start replaced: "started", or (exit code, stderr) if it refused."""
+    import demo.__main__ as main_mod
+    import demo.runtime
+
+    for name in ("SPACE_ID", "OAUTH_CLIENT_ID", "GRADIO_SERVER_NAME", "DERMALOOP_ALLOW_ANONYMOUS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+
+    def start(*a, **k):
+        raise _Started
+
+    monkeypatch.setattr(demo.runtime, "start", start)
+    try:
+        main_mod.create(argv)
+    except _Started:
+        return "started"
+    except SystemExit as e:
+        return e.code
+    raise AssertionError("create() neither started nor exited")
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--share"], {}),
+    (["--host", "0.0.0.0"], {}),
+    (["--host", "192.168.1.5"], {}),
+    (["--host", "dermaloop.example.org"], {}),
+    ([], {"GRADIO_SERVER_NAME": "0.0.0.0"}),
+    ([], {"SPACE_ID": "someone/dermaloop"}),  # a Space without hf_oauth and without a users file
+])
+def test_login_free_mode_refuses_to_be_reachable_from_elsewhere(monkeypatch, capsys, argv, env):
+    assert _create(monkeypatch, argv, env) == 2  # refused before the model or the store was started
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--allow-anonymous" in err and "--auth-file" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["--host", "127.0.0.1"], ["--host", "localhost"], ["--host", "::1"]])
+def test_login_free_mode_on_loopback_starts_without_a_warning(monkeypatch, capsys, argv):
+    assert _create(monkeypatch, argv) == "started"
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--share", "--allow-anonymous"], {}),
+    (["--host", "0.0.0.0"], {"DERMALOOP_ALLOW_ANONYMOUS": "1"}),
+])
+def test_allow_anonymous_starts_exposed_with_a_warning(monkeypatch, capsys, argv, env):
+    assert _create(monkeypatch, argv, env) == "started"
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_logins_make_exposed_starts_fine(monkeypatch, capsys, tmp_path):
+    users = tmp_path / "users.yaml"
+    add_user(users, "eve", "expert", "pw", rounds=4)
+    assert _create(monkeypatch, ["--share", "--host", "0.0.0.0", "--auth-file", str(users)]) == "started"
+    # A Space with hf_oauth: Hugging Face sign-in, as app.py starts it (no arguments, GRADIO_SERVER_NAME=0.0.0.0).
+    assert _create(monkeypatch, [], {"SPACE_ID": "someone/dermaloop", "OAUTH_CLIENT_ID": "x",
+                                     "GRADIO_SERVER_NAME": "0.0.0.0"}) == "started"
+    assert "WARNING" not in capsys.readouterr().err and "error" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ identities
 
 
