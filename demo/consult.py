@@ -170,16 +170,26 @@ class Consult:
         self._running[key] = gen
         shown = question if not images else f"{question}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
         messages = case.messages + [{"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
-        text, error = "", None
+        text, error, closed = "", None, False
+        chunks = iter(gen)
         try:
             yield messages, case, gr.update(), gr.update(), gr.update(value="Answering…")
-            for chunk in gen:
+            for chunk in chunks:
                 text += chunk
                 messages[-1] = {"role": "assistant", "content": text + " ▌"}
                 yield messages, case, gr.update(), gr.update(), gr.update()
         except Exception as e:  # the model failed mid-answer: record what there is, say so
             log.exception("generation failed")
             error = f"{type(e).__name__}: {e}"
+        except GeneratorExit:  # the client went away mid-answer: stop as Stop does (frees the engine), record below
+            closed = True
+            gen.stop()
+            try:
+                for chunk in chunks:  # the few chunks already under way, until the generation ends
+                    text += chunk
+            except Exception as e:
+                log.exception("generation failed")
+                error = f"{type(e).__name__}: {e}"
         finally:
             self._running.pop(key, None)
         answer = gen.result
@@ -187,6 +197,12 @@ class Consult:
             from core.engine import Answer
 
             answer = Answer(text.strip(), self.ctx.runtime.version, "error", 0, 0, None, 0.0, template=template)
+        if closed:  # nobody to show it to: record the partial answer (stopped), never yield again
+            try:
+                self._record(who, case.conversation_id, context, question, images, answer, error)
+            except Exception:
+                log.exception("could not record the answer of a closed session")
+            return
         with user_errors():
             rec = self._record(who, case.conversation_id, context, question, images, answer, error)
         case.conversation_id = rec.conversation_id

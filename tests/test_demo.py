@@ -132,6 +132,29 @@ def test_stop_keeps_the_partial_answer_marked_stopped(tiny_model_dir, tiny_engin
     assert row["status"] == "stopped" and row["completion_tokens"] < 400
 
 
+def test_a_client_gone_mid_answer_stops_the_generation_and_records_it_stopped(tiny_model_dir, tiny_engine, store, tmp_path):
+    """Gradio closes the handler's generator (GeneratorExit) when the browser goes away mid-answer."""
+    import time
+
+    settings = Settings.from_env(model=str(tiny_model_dir), max_new_tokens=2000)
+    ctx = Ctx(attach(settings, tiny_engine, store), AuthConfig.local(), DemoOptions())
+    consult, case = Consult(ctx), Case()
+    stream = consult.ask(case, [save_png(tmp_path / "a.png")], "Describe it", *[None] * 7, "free", req(session="gone"))
+    next(stream)  # the placeholder
+    next(stream)  # the first chunk
+    start = time.perf_counter()
+    stream.close()
+    assert not tiny_engine._lock.locked(), "the engine is still busy with an answer nobody will read"
+    assert time.perf_counter() - start < 10 and consult._running == {}
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        turns = frames(s)["turns"]
+    assert len(turns) == 1
+    row = turns.iloc[0]
+    assert row["status"] == "stopped" and row["completion_tokens"] < 2000 and row["question"] == "Describe it"
+
+
 def test_thumbs_from_anyone_and_full_ratings_only_from_raters(ctx, tmp_path, store):
     consult, case = Consult(ctx), Case()
     ask(consult, case, [save_png(tmp_path / "a.png")], "What is this?", who="cara")
