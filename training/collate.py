@@ -160,10 +160,13 @@ def collate(features: Sequence[Features], pad_id: int) -> dict[str, torch.Tensor
         attention[i, :L] = 1
     batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     keys = [k for k in features[0].extra]
+    if any(set(f.extra) != set(keys) for f in features):
+        # Never drop some examples' images silently: build_plan leaves text-only pairs out of training.
+        with_images = sum(1 for f in features if f.extra)
+        raise TrainingError(f"in a batch, every example needs at least one image, or none does "
+                            f"({with_images} of {len(features)} have images)")
     if not keys:
         return batch
-    if any(set(f.extra) != set(keys) for f in features):
-        raise TrainingError("in a batch, every example needs at least one image, or none does")
     per_batch = features[0].extra.get("pixel_values") is not None and features[0].extra["pixel_values"].dim() == 5
     for k in keys:
         ts = [f.extra[k] for f in features]

@@ -331,13 +331,24 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
     if dry_run:
         with db.session() as s:
             active = st.active_version(s)
-            plan = build_plan(s, cfg, images_dir=settings.images_dir, active_version_id=active.id if active else None)
-            s.rollback()  # a dry run writes nothing (not even the split of new images)
+            active_id = active.id if active else None
+        # a dry run writes nothing (not even the split of new images)
+        plan = build_plan(db, cfg, images_dir=settings.images_dir, active_version_id=active_id, dry_run=True)
         lines = [f"{k}: {v}" for k, v in plan.counts.items()]
-        return {"status": "dry-run", "summary": "dry run: " + "; ".join(lines), "report": {"counts": plan.counts}}
+        note = _text_only_note(plan)
+        return {"status": "dry-run", "summary": "dry run: " + "; ".join(lines) + (f"\n{note}" if note else ""),
+                "report": {"counts": plan.counts}}
     with db.session() as s:
         st.acquire_lock(s, LOCK_NAME, owner, os.getpid(), socket.gethostname())
     try:
+        with db.session() as s:
+            if not resume:
+                _abandon_interrupted(s, runs_dir)
+            active = st.active_version(s)
+            active_id = active.id if active else None
+        # Outside any session: build_plan reads the store, then the files, then writes the split in
+        # a short transaction of its own, so the app's writes never wait on image reading.
+        plan = None if resume else build_plan(db, cfg, images_dir=settings.images_dir, active_version_id=active_id)
         with db.session() as s:
             active = st.active_version(s)
             active_info = None if active is None else {"id": active.id, "name": active.name, "base": active.base_model,
@@ -351,8 +362,10 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
                 out(f"refine: resuming run {run_dir.name}")
                 return {"status": "train", "run_dir": str(run_dir), "base": saved["base_model"], "init_from": saved["init_from"],
                         "parent": saved["parent"], "active": active_info, "store_run_id": state["store_run_id"], "resume": True}
-            _abandon_interrupted(s, runs_dir)
-            plan = build_plan(s, cfg, images_dir=settings.images_dir, active_version_id=active.id if active else None)
+            assert plan is not None
+            note = _text_only_note(plan)
+            if note:
+                out(note)
             if cfg.min_new and plan.new_gold < cfg.min_new:
                 s.rollback()
                 return {"status": "skipped", "summary": (
@@ -394,6 +407,12 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
         with db.session() as s:
             st.release_lock(s, LOCK_NAME, owner)
         raise
+
+
+def _text_only_note(plan: Any) -> str:
+    n = plan.counts.get("gold_text_only_skipped", 0)
+    return (f"refine: {n} text-only gold pair(s) (asked without an image) left out of training: "
+            "training batches hold image examples only") if n else ""
 
 
 def _loop_config(cfg: RefineConfig, n_train: int, world: int):

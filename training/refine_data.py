@@ -83,20 +83,50 @@ def image_hash(path: str | Path) -> str:
     return normalise(Path(path))[1]
 
 
-def build_plan(s: Any, cfg: Any, *, images_dir: Path, active_version_id: int | None) -> DataPlan:
-    """Gather, split and mix the data for one run (writes new hashes into the store's split)."""
+def tried_rating_ids(s: Any, active: Any) -> set[int]:
+    """Ratings already tried by candidates rejected since `active` became active (None: every rejected one).
+
+    Those candidates' runs learned from these ratings and the gate turned them down; retraining
+    on the same ratings would only repeat that, so they do not count as new for `--min-new`.
+    """
+    from annotation_db import store as st
+
+    since = getattr(active, "status_changed_at", None) if active is not None else None
+    out: set[int] = set()
+    for v in st.list_versions(s):
+        if v.status.value != "rejected" or v.training_run_id is None:
+            continue
+        if since is not None and (v.status_changed_at is None or v.status_changed_at < since):
+            continue
+        out |= {r.id for r in st.lineage(s, v.id, ancestors=False)}
+    return out
+
+
+def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | None, dry_run: bool = False) -> DataPlan:
+    """Gather, split and mix the data for one run (writes new hashes into the store's split).
+
+    Order matters for the app that shares the store: read the store (no write), then read
+    and hash every file, and only then take the write lock, in a short session of its own
+    that assigns the split of new images and commits at once (a dry run rolls it back).
+    """
     from annotation_db import store as st
     from core.images import image_path
 
     roles = tuple(cfg.roles)
-    gold = st.gold_pairs(s, accept_threshold=cfg.accept_threshold, roles=roles)
-    new_ids = {p.turn_id for p in st.gold_pairs(s, accept_threshold=cfg.accept_threshold, roles=roles,
-                                               since_version_id=active_version_id).pairs} if active_version_id else None
-    missing = 0
+    # 1. Store reads only.
+    with db.session() as s:
+        gold = st.gold_pairs(s, accept_threshold=cfg.accept_threshold, roles=roles)
+        active = st.get_version(s, active_version_id) if active_version_id else None
+        new_ids = {p.turn_id for p in st.gold_pairs(s, accept_threshold=cfg.accept_threshold, roles=roles,
+                                                   since_version_id=active_version_id).pairs} if active else None
+        tried = tried_rating_ids(s, active)
+        s.rollback()
+    # 2. Files: no store transaction is open here.
+    missing = text_only = 0
     usable = []
     for p in gold.pairs:
         if not p.image_hashes:
-            usable.append(p)  # a text-only question
+            text_only += 1  # a question asked without an image: the image batches cannot hold it
             continue
         ex = gold_example(p, images_dir)
         if all(Path(x).is_file() for x in ex.images):
@@ -104,7 +134,24 @@ def build_plan(s: Any, cfg: Any, *, images_dir: Path, active_version_id: int | N
         else:
             missing += 1
     hashes = sorted({h for p in usable for h in p.image_hashes})
-    split = st.assign_split(s, hashes, holdout_fraction=cfg.gold_holdout, seed=cfg.seed) if hashes and cfg.gold_holdout > 0 else {}
+    synthetic = read_synthetic(cfg.synthetic)
+    syn_eval = read_synthetic(cfg.synthetic_eval) if cfg.synthetic_eval else None
+    by_path: dict[str, str] = {}
+    if syn_eval is None and synthetic and cfg.synthetic_holdout > 0:
+        by_path = {str(p): image_hash(p) for ex in synthetic for p in ex.images}
+    # 3. One short write transaction for the split, committed at once.
+    split: dict[str, str] = {}
+    syn_split: dict[str, str] = {}
+    if (hashes and cfg.gold_holdout > 0) or by_path:
+        with db.session() as s:
+            if hashes and cfg.gold_holdout > 0:
+                split = st.assign_split(s, hashes, holdout_fraction=cfg.gold_holdout, seed=cfg.seed)
+            if by_path:
+                syn_split = st.assign_split(s, sorted(set(by_path.values())), holdout_fraction=cfg.synthetic_holdout,
+                                            seed=cfg.seed)
+            if dry_run:
+                s.rollback()  # a dry run writes nothing (not even the split of new images)
+    # 4. Compose the plan (no store access).
     gold_train, gold_heldout, rating_ids = [], [], set()
     new_gold = 0
     for p in usable:
@@ -114,15 +161,12 @@ def build_plan(s: Any, cfg: Any, *, images_dir: Path, active_version_id: int | N
         else:
             gold_train.append(ex)
             rating_ids.update(p.rating_ids)
-            if new_ids is None or p.turn_id in new_ids:
+            if (new_ids is None or p.turn_id in new_ids) and set(p.rating_ids) - tried:
                 new_gold += 1
 
-    synthetic = read_synthetic(cfg.synthetic)
-    if cfg.synthetic_eval:
-        syn_train, syn_heldout = synthetic, read_synthetic(cfg.synthetic_eval)
-    elif synthetic and cfg.synthetic_holdout > 0:
-        by_path = {str(p): image_hash(p) for ex in synthetic for p in ex.images}
-        syn_split = st.assign_split(s, sorted(set(by_path.values())), holdout_fraction=cfg.synthetic_holdout, seed=cfg.seed)
+    if syn_eval is not None:
+        syn_train, syn_heldout = synthetic, syn_eval
+    elif by_path:
         held = lambda ex: any(syn_split.get(by_path[str(p)]) == "heldout" for p in ex.images)  # noqa: E731
         syn_train = [ex for ex in synthetic if not held(ex)]
         syn_heldout = [ex for ex in synthetic if held(ex)]
@@ -149,6 +193,7 @@ def build_plan(s: Any, cfg: Any, *, images_dir: Path, active_version_id: int | N
         "gold_heldout": len(gold_heldout),
         "gold_new": new_gold,
         "gold_missing_images": missing,
+        "gold_text_only_skipped": text_only,  # asked without an image: not trained on (image batches only)
         "gold_conflicts": len(gold.conflicts),
         "gold_left_out": len(gold.left_out),
         "preference_pairs": len(gold.preference_pairs),
@@ -163,6 +208,6 @@ def build_plan(s: Any, cfg: Any, *, images_dir: Path, active_version_id: int | N
         {"turn_id": p.turn_id, "images": [str(image_path(images_dir, h)) for h in p.image_hashes], "question": p.question,
          "context": p.context or None, "template": p.template, "chosen": p.chosen, "rejected": p.rejected,
          "rating_ids": list(p.rating_ids), "heldout": any(split.get(h) == "heldout" for h in p.image_hashes)}
-        for p in gold.preference_pairs
+        for p in gold.preference_pairs if p.image_hashes  # text-only pairs are left out, as for SFT
     ]
     return DataPlan(train, heldout, counts, sorted(rating_ids), [ex.id for ex in syn_used], prefs, new_gold)
