@@ -281,6 +281,28 @@ def test_review_queue_one_at_a_time_blind_skip_and_refused_for_clinicians(ctx, t
 # ---------------------------------------------------------------------------- insights
 
 
+def test_exports_replace_the_sessions_previous_export_instead_of_piling_up(ctx, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    insights = Insights(ctx)
+    first = insights.export("csv", req("eve"))
+    second = insights.export("jsonl", req("eve"))
+    folders = {p.parent for p in temp.rglob("*") if p.is_file()}
+    assert len(folders) == 1, folders  # two exports, one folder
+    assert {Path(f).name for f in second} == {p.name for p in temp.rglob("*") if p.is_file()}
+    assert not any(Path(f).exists() for f in first)  # the earlier export of this session is gone
+    other = insights.export("csv", req("max", session="s2"))  # another session's download is left alone
+    assert all(Path(f).exists() for f in second + other)
+    del insights  # the app's export folder goes with it
+    import gc
+
+    gc.collect()
+    assert list(temp.iterdir()) == []
+
+
 def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
     consult = Consult(ctx)
     case = Case()
