@@ -88,6 +88,7 @@ def test_cli_version_uses_the_store_heldout_split(tiny_model_dir, tmp_path, derm
     with db.session() as s:
         version = st.register_version(s, base_model=str(tiny_model_dir), status="active")
         expert = st.get_or_create_user(s, "expert-1", "expert")
+        hashes = []
         for ph in phantoms.generate(12, seed=5, split="heldout", size=64):
             img = intake(ph.image, settings.images_dir)
             st.record_image(s, img.sha256, img.width, img.height)
@@ -95,13 +96,20 @@ def test_cli_version_uses_the_store_heldout_split(tiny_model_dir, tmp_path, derm
             turn = st.record_turn(s, conv.id, "What is the most likely diagnosis?", "Something.", image_hashes=[img.sha256],
                                   template="free", model_version_id=version.id)
             st.add_rating(s, turn.id, expert.id, 2, correction=ph.qa(["diagnosis"])[0][2])
+            hashes.append(img.sha256)
         name = version.name
-    db.dispose()
+        # refine assigned the split of all but two images (its own fraction and seed); evaluate only reads it.
+        split = st.assign_split(s, hashes[:10], holdout_fraction=0.5, seed=3)
+    n_held = sum(v == "heldout" for v in split.values())
     out = tmp_path / "report"
     assert main(["--version", name, "--out", str(out), "--metrics", "bleu,diagnosis", "--max-new-tokens", "4", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "held-out" in report["meta"]["data"] and report["meta"]["model"] == str(tiny_model_dir)
-    assert 0 < report["meta"]["n"] < 12  # only the images in the frozen held-out split
+    assert 0 < report["meta"]["n"] == n_held < 10  # only the images in the frozen held-out split
+    assert "2 gold pair(s) skipped" in capsys.readouterr().err
+    with db.session() as s:
+        assert st.get_split(s, hashes) == split  # nothing newly assigned
+    db.dispose()
     assert all(e["source"] == "expert" and e["id"].startswith("turn-") for e in report["per_example"])
     assert main(["--version", "v99", "--out", str(out)]) == 2
     assert "v99" in capsys.readouterr().err

@@ -217,8 +217,14 @@ def evaluate_engine(
 
 # ---------------------------------------------------------------- the store's held-out split
 
-def store_heldout_examples(settings, *, seed: int = 0, holdout_fraction: float = 0.2) -> list[Example]:
-    """Gold pairs whose images lie in the store's frozen held-out split (unassigned hashes are assigned first)."""
+def store_heldout_examples(settings, *, out=None) -> list[Example]:
+    """Gold pairs whose images lie in the store's frozen held-out split.
+
+    Only reads the split (refine assigns it, with its own --gold-holdout and --seed): images
+    not assigned yet are not evaluated, and the number of pairs skipped is said.
+    """
+    import sys
+
     from annotation_db import store as st
     from annotation_db.db import Store
 
@@ -229,9 +235,14 @@ def store_heldout_examples(settings, *, seed: int = 0, holdout_fraction: float =
         with db.session() as s:
             pairs = st.gold_pairs(s).pairs
             hashes = sorted({h for p in pairs for h in p.image_hashes})
-            split = st.assign_split(s, hashes, holdout_fraction=holdout_fraction, seed=seed) if hashes else {}
+            split = st.get_split(s, hashes) if hashes else {}
     finally:
         db.dispose()
+    unassigned = [p for p in pairs if p.image_hashes and any(h not in split for h in p.image_hashes)
+                  and not any(split.get(h) == "heldout" for h in p.image_hashes)]
+    if unassigned:
+        (out or (lambda m: print(m, file=sys.stderr)))(
+            f"evaluate: {len(unassigned)} gold pair(s) skipped: their images have no split yet (refine assigns it)")
     return [
         Example(
             id=f"turn-{p.turn_id}", images=[str(image_path(settings.images_dir, h)) for h in p.image_hashes],
