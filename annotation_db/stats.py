@@ -91,7 +91,7 @@ def stats_over_time(s: Session, freq: str = "W") -> pd.DataFrame:
     return pd.DataFrame(out)[cols]
 
 
-def agreement(s: Session, roles=("expert",)) -> dict:
+def agreement(s: Session, roles=("expert", "admin")) -> dict:
     """Inter-rater agreement on turns with two or more effective full ratings by `roles`."""
     import krippendorff
     from rapidfuzz import fuzz

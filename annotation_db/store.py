@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import String, case, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
-from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect
+from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
 from .errors import InvalidInput, NotFound
 from .models import (
     Conversation,
@@ -45,19 +45,62 @@ from .models import (
 # ---------------------------------------------------------------- users, images
 
 
-def get_or_create_user(s: Session, name: str, role: str = "expert") -> User:
-    """The user called `name`, created with `role` if new (an existing user keeps their role)."""
+EXPERT_ROLES = (Role.expert, Role.admin)  # whose full ratings count as expert reviews
+
+
+def get_or_create_user(s: Session, name: str, role: str | None = None) -> User:
+    """The user called `name` with `role` (the app's auth config is the truth): created if
+    new ("expert" when no role is given), and an existing user's role updated when it
+    differs (left as it is when `role` is None). A role change recounts the expert reviews
+    of the turns that user rated, in the same transaction."""
     name = check_text(name, "user name", max_len=200)
     try:
-        role_ = Role(role)
+        role_ = None if role is None else Role(role)
     except ValueError:
         raise InvalidInput(f"unknown role {role!r}; use one of {[r.value for r in Role]}") from None
     user = s.scalar(select(User).where(User.name == name))
+    if user is not None and (role_ is None or user.role is role_):
+        return user
+    write_lock(s)  # no two sessions create the same user (unique name) or interleave a recount
+    user = s.scalar(select(User).where(User.name == name).execution_options(populate_existing=True))
     if user is None:
-        user = User(name=name, role=role_)
+        user = User(name=name, role=role_ or Role.expert)
         s.add(user)
         s.flush()
+    elif role_ is not None and user.role is not role_:
+        was_expert = user.role in EXPERT_ROLES
+        user.role = role_
+        s.flush()
+        if was_expert != (role_ in EXPERT_ROLES):
+            rated = select(Rating.turn_id).where(Rating.rater_id == user.id, Rating.kind == RatingKind.full)
+            recount_expert_raters(s, rated)
     return user
+
+
+def recount_expert_raters(s: Session, turn_ids=None) -> int:
+    """Recompute `turns.expert_raters` (distinct raters with a full rating whose role is in
+    EXPERT_ROLES) for `turn_ids` (ids or a select of ids; None: every turn). Returns the
+    number of turns whose counter changed. For databases written before admins counted."""
+    q = select(Turn)
+    if turn_ids is not None:
+        q = q.where(Turn.id.in_(turn_ids))
+    turns = list(s.scalars(q.with_for_update() if dialect(s) == "postgresql" else q))
+    changed = 0
+    for turn in turns:
+        n = _count_expert_raters(s, turn.id)
+        if turn.expert_raters != n:
+            turn.expert_raters = n
+            changed += 1
+    s.flush()
+    return changed
+
+
+def _count_expert_raters(s: Session, turn_id: int) -> int:
+    return s.scalar(
+        select(func.count(func.distinct(Rating.rater_id)))
+        .join(User, User.id == Rating.rater_id)
+        .where(Rating.turn_id == turn_id, Rating.kind == RatingKind.full, User.role.in_(EXPERT_ROLES))
+    )
 
 
 def get_user(s: Session, user_id: int) -> User:
@@ -141,6 +184,7 @@ def record_turn(
         if image is None:
             raise NotFound(f"image {h[:12]}… was never recorded; call record_image first")
         images.append(image)
+    write_lock(s)  # two writers in one conversation must not both take the same seq
     seq = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
     turn = Turn(
         conversation_id=conversation_id, seq=seq, question=question, answer=answer,
@@ -259,12 +303,8 @@ def add_rating(
     )
     s.add(rating)
     s.flush()
-    if kind_ is RatingKind.full and rater.role is Role.expert:
-        turn.expert_raters = s.scalar(
-            select(func.count(func.distinct(Rating.rater_id)))
-            .join(User, User.id == Rating.rater_id)
-            .where(Rating.turn_id == turn_id, Rating.kind == RatingKind.full, User.role == Role.expert)
-        )
+    if kind_ is RatingKind.full and rater.role in EXPERT_ROLES:
+        turn.expert_raters = _count_expert_raters(s, turn_id)
         s.flush()
     return rating
 
@@ -412,8 +452,8 @@ def _effective(roles: Sequence[Role], turn_ids: Sequence[int] | None = None):
     return q if turn_ids is None else q.where(Rating.turn_id.in_(turn_ids))
 
 
-def gold_pairs(s: Session, *, accept_threshold: float = 4.0, roles: Sequence[str] = ("expert",),
-               since_version_id: int | None = None) -> GoldResult:
+def gold_pairs(s: Session, *, accept_threshold: float = 4.0,
+               roles: Sequence[str] = ("expert", "admin"), since_version_id: int | None = None) -> GoldResult:
     """Resolve the effective expert ratings of every turn into one training target.
 
     A correction wins (the most recent if experts disagree: reported as a conflict,

@@ -136,14 +136,20 @@ def retire(s: Session, version_id: int | str, reason: str | None = None) -> Mode
     return v
 
 
-def rollback(s: Session, version_id: int | str, reason: str | None = None) -> ModelVersion:
-    """Re-activate an earlier version; the version active until now is marked rejected."""
+def rollback(s: Session, version_id: int | str, reason: str | None = None, *,
+             forced: bool = False) -> ModelVersion:
+    """Re-activate an earlier version; the version active until now is marked rejected.
+    A rejected version (by the gate, or rolled back from) needs forced=True, as in promote()."""
     reason = check_text(reason, "reason", required=False)
     write_lock(s)
     v = get_version(s, version_id)
     if v.status is VersionStatus.active:
         return v
-    _activate(s, v, reason or "rollback", old_status=VersionStatus.rejected)
+    if v.status is VersionStatus.rejected and not forced:
+        raise Conflict(f"{v.name} was rejected ({v.status_reason}); roll back with forced=True to override")
+    reason = reason or "rollback"
+    _activate(s, v, f"forced {reason}" if v.status is VersionStatus.rejected else reason,
+              old_status=VersionStatus.rejected)
     return v
 
 

@@ -65,8 +65,9 @@ def world(db):
 def test_users_and_images_are_idempotent(db):
     with db.session() as s:
         a = store.get_or_create_user(s, "ann", "admin")
-        b = store.get_or_create_user(s, "ann", "expert")
-        assert a.id == b.id and b.role.value == "admin"
+        b = store.get_or_create_user(s, "ann", "expert")  # the auth config is the truth
+        assert a.id == b.id and b.role.value == "expert"
+        assert store.get_or_create_user(s, "ann").role.value == "expert"  # no role given: kept
         i1 = store.record_image(s, h(0), 10, 10)
         i2 = store.record_image(s, h(0), 10, 10)
         assert i1.id == i2.id

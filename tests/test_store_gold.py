@@ -15,7 +15,7 @@ from annotation_db.models import Rating, Turn
 from annotation_db.store import GoldConflict, GoldPair, GoldResult, PreferencePair, as_utc
 
 
-def reference_gold_pairs(s, accept_threshold=4.0, roles=("expert",), since_version_id=None) -> GoldResult:
+def reference_gold_pairs(s, accept_threshold=4.0, roles=("expert", "admin"), since_version_id=None) -> GoldResult:
     """The definition, row by row in Python: the effective rating is each rater's latest full one."""
     known = {r.id for r in store.lineage(s, since_version_id)} if since_version_id else set()
     latest = {}
