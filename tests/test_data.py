@@ -177,3 +177,20 @@ def test_unreadable_inputs_are_domain_errors(tmp_path):
     (tmp_path / "x.json").write_text("{broken")
     with pytest.raises(DataError, match="not valid JSON"):
         read_examples(tmp_path / "x.json")
+
+
+def test_non_utf8_and_nul_byte_files_are_data_errors_naming_the_file(tmp_path):
+    bad_jsonl = tmp_path / "latin1.jsonl"
+    bad_jsonl.write_bytes('{"image": "a.png", "question": "Qu\'est-ce?", "answer": "Eczéma"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl: not UTF-8"):
+        read_jsonl(bad_jsonl, check_images_exist=False)
+    bad_csv = tmp_path / "latin1.csv"
+    bad_csv.write_bytes("image,question,answer\na.png,What?,Eczéma\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv: not UTF-8"):
+        read_csv(bad_csv, check_images_exist=False)
+    nul_csv = tmp_path / "nul.csv"
+    nul_csv.write_bytes(b"image,question,answer\na.png,What\x00?,Eczema\n")
+    try:  # Python >= 3.11's csv reads NUL bytes; older ones raise csv.Error, which must be a DataError
+        read_csv(nul_csv, check_images_exist=False)
+    except DataError as e:
+        assert "nul.csv" in str(e)

@@ -24,6 +24,7 @@ turns them into a `DataError`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -200,16 +201,27 @@ def read_jsonl(path: str | Path, *, check_images_exist: bool = True, default_sou
             raise DataError(f"not valid JSON ({e.msg})") from None
         return Example.from_dict(row, path.parent, default_id=f"{path.stem}-{lineno}", default_source=default_source)
 
-    with path.open(encoding="utf-8") as f:
+    with _readable(path), path.open(encoding="utf-8") as f:
         items = ((f"line {n}", (n, line)) for n, line in enumerate(f, 1) if line.strip())
         return _collect(path, items, build, check_images_exist)
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """A file that is not UTF-8 text (or a CSV with a NUL byte) is one DataError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
 
 
 # ---------------------------------------------------------------- CSV
 
 def read_csv(path: str | Path, *, check_images_exist: bool = True, default_source: str = "expert") -> tuple[list[Example], list[Problem]]:
     path = _existing(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with _readable(path), path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or ())
         if not ({"image", "images"} & cols and "question" in cols and {"answer", "answers"} & cols):
