@@ -74,6 +74,23 @@ def versions_table(s) -> pd.DataFrame:
 class Insights:
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
+        self._export_root: Path | None = None  # one temporary folder per app, removed when the app ends
+
+    def _export_dir(self, request: Any) -> Path:
+        """This session's export folder, emptied first: an export replaces that session's previous one, so
+        clinical exports never pile up (in the temp dir, where Gradio may serve files from)."""
+        import hashlib
+        import shutil
+        import weakref
+
+        if self._export_root is None or not self._export_root.is_dir():
+            self._export_root = Path(tempfile.mkdtemp(prefix="dermaloop-export-"))
+            weakref.finalize(self, shutil.rmtree, str(self._export_root), ignore_errors=True)
+        session = getattr(request, "session_hash", None) or "direct"
+        out = self._export_root / hashlib.sha256(str(session).encode()).hexdigest()[:16]
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        return out
 
     def data(self) -> dict[str, Any]:
         """Every figure of the tab, as DataFrames (handy for tests and the API alike)."""
@@ -116,7 +133,7 @@ class Insights:
             self.ctx.auth.require_rater(request)
             if fmt not in EXPORT_FORMATS:
                 raise InputError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
-            out = Path(tempfile.mkdtemp(prefix="dermaloop-export-"))
+            out = self._export_dir(request)
             counts = exporter.export(self.ctx.store, fmt, out)
         gr.Info("Exported " + ", ".join(f"{n} {t}" for t, n in counts.items()))
         return sorted(str(p) for p in out.iterdir() if p.is_file())
