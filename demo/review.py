@@ -6,16 +6,19 @@ that this expert has not rated; blind mode hides the model version. Clinicians a
 refused here, server-side, whatever the page shows.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
 from annotation_db import store as st
-from core.images import load_stored
+from core.images import ImageError, load_stored
 from core.prompts import ClinicalContext
 from demo.auth import Identity
 from demo.common import Ctx, ensure_user, save_rating, user_errors
+
+log = logging.getLogger("dermaloop.demo")
 
 CONTEXT_LABELS = {"age": "Age", "sex": "Sex", "body_site": "Body site", "duration": "Duration", "symptoms": "Symptoms",
                   "fitzpatrick": "Fitzpatrick type", "modality": "Image type"}
@@ -56,11 +59,20 @@ class Review:
             state.turn_id, state.answer = None, ""
             empty = "🎉 Nothing left to review." if left == 0 else "Only skipped answers are left; reload the page to see them again."
             return (state, counter, [], "", empty, "", "", None, "", "", [], "", status)
-        images = [load_stored(self.ctx.settings.images_dir, h) for h in item.image_hashes]
+        images, missing = [], 0
+        for h in item.image_hashes:  # a lost image file must not block the queue: show the rest, say so
+            try:
+                images.append(load_stored(self.ctx.settings.images_dir, h))
+            except (ImageError, OSError, ValueError):
+                log.warning("review of answer #%s: stored image %s… cannot be read", item.turn_id, h[:12])
+                missing += 1
         state.turn_id, state.answer = item.turn_id, item.answer
+        note = (f"\n\n⚠️ **{missing} of its {len(item.image_hashes)} image{'s' if len(item.image_hashes) != 1 else ''} "
+                f"{'is' if missing == 1 else 'are'} missing from the data directory**; rate what you can, or skip."
+                if missing else "")
         version = "_Model version hidden (blind review)._" if blind else f"Model version: **{item.model_version or 'unknown'}**"
         return (
-            state, counter, images, describe_context(item.context), f"**Question (answer #{item.turn_id}):** {item.question}",
+            state, counter, images, describe_context(item.context), f"**Question (answer #{item.turn_id}):** {item.question}{note}",
             item.answer or "_(empty answer)_", version, None, item.answer, "", [], "", status,
         )
 

@@ -278,6 +278,22 @@ def test_review_queue_one_at_a_time_blind_skip_and_refused_for_clinicians(ctx, t
         review.save(ReviewState(), False, 3, "", "", [], "", req("max"))
 
 
+def test_review_shows_an_answer_whose_image_file_is_missing_and_skip_gets_past_it(ctx, tmp_path):
+    consult = Consult(ctx)
+    for i in range(2):
+        ask(consult, Case(), [save_png(tmp_path / f"{i}.png", draw_lesion(colour=(80 * i, 60, 40)))], f"Question {i}?", who="cara")
+    from core.images import image_path
+
+    with ctx.store.session() as s:
+        hashes = [t.image_hashes for t in st.conversation_history(s, 1)]
+    image_path(ctx.settings.images_dir, hashes[0][0]).unlink()  # the first question's image is lost
+    review, state = Review(ctx), ReviewState()
+    out = review.load(state, False, req("max"))
+    assert "Question 0?" in out[4] and "missing" in out[4] and out[2] == [] and state.turn_id is not None
+    out = review.skip(state, False, req("max"))
+    assert "Question 1?" in out[4] and "missing" not in out[4] and len(out[2]) == 1
+
+
 # ---------------------------------------------------------------------------- insights
 
 
