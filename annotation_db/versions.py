@@ -65,12 +65,11 @@ def _set_status(s: Session, v: ModelVersion, status: VersionStatus, reason: str 
     s.flush()
 
 
-def _activate(s: Session, v: ModelVersion, reason: str | None, old_status=VersionStatus.retired) -> None:
-    """Make `v` the one active version; the caller holds the write lock."""
+def _activate(s: Session, v: ModelVersion, reason: str | None, superseded: str = "superseded by") -> None:
+    """Make `v` the one active version (the one before is retired); the caller holds the write lock."""
     current = active_version(s)
     if current is not None and current.id != v.id:
-        _set_status(s, current, old_status, f"superseded by {v.name}" if old_status is
-                    VersionStatus.retired else f"rolled back to {v.name}")
+        _set_status(s, current, VersionStatus.retired, f"{superseded} {v.name}")
     _set_status(s, v, VersionStatus.active, reason)
 
 
@@ -138,8 +137,8 @@ def retire(s: Session, version_id: int | str, reason: str | None = None) -> Mode
 
 def rollback(s: Session, version_id: int | str, reason: str | None = None, *,
              forced: bool = False) -> ModelVersion:
-    """Re-activate an earlier version; the version active until now is marked rejected.
-    A rejected version (by the gate, or rolled back from) needs forced=True, as in promote()."""
+    """Re-activate an earlier version; the version active until now is retired, so a rollback
+    can itself be rolled back. A version the gate rejected needs forced=True, as in promote()."""
     reason = check_text(reason, "reason", required=False)
     write_lock(s)
     v = get_version(s, version_id)
@@ -148,8 +147,7 @@ def rollback(s: Session, version_id: int | str, reason: str | None = None, *,
     if v.status is VersionStatus.rejected and not forced:
         raise Conflict(f"{v.name} was rejected ({v.status_reason}); roll back with forced=True to override")
     reason = reason or "rollback"
-    _activate(s, v, f"forced {reason}" if v.status is VersionStatus.rejected else reason,
-              old_status=VersionStatus.rejected)
+    _activate(s, v, f"forced {reason}" if v.status is VersionStatus.rejected else reason, superseded="rolled back to")
     return v
 
 

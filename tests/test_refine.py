@@ -143,9 +143,12 @@ def test_corrections_learned_gate_rejects_bad_candidate_rollback(tiny_model_dir,
 
     # --rollback and --list
     assert main(["--rollback", "v1"]) == 0
-    assert versions(settings)["v1"] == "active" and versions(settings)["v2"] == "rejected"
-    assert main(["--rollback", "v2"]) == 0
+    assert versions(settings)["v1"] == "active" and versions(settings)["v2"] == "retired"
+    assert main(["--rollback", "v2"]) == 0  # a rollback is itself reversible
     assert versions(settings)["v2"] == "active"
+    assert main(["--rollback", "v3"]) == 1  # the gate rejected v3: only with --force
+    assert "v3 was rejected" in capsys.readouterr().err
+    assert versions(settings)["v3"] == "rejected"
     capsys.readouterr()
     assert main(["--list"]) == 0
     listing = capsys.readouterr().out

@@ -225,7 +225,12 @@ def test_versions_lifecycle(world):
         store.promote(s, v3.id, forced=True, reason="expert override")
         assert store.active_version(s).id == v3.id
         store.rollback(s, v2.id)
-        assert store.active_version(s).id == v2.id and store.get_version(s, v3.id).status.value == "rejected"
+        v3_after = store.get_version(s, v3.id)
+        assert store.active_version(s).id == v2.id and v3_after.status.value == "retired"
+        assert v3_after.status_reason == "rolled back to v2"
+        store.rollback(s, v3.id)  # a rollback can be rolled back
+        assert store.active_version(s).id == v3.id
+        store.rollback(s, v2.id)
         with pytest.raises(Conflict):
             store.retire(s, v2.id)
         with pytest.raises(Conflict):

@@ -64,7 +64,7 @@ def test_rollback_to_rejected_version_needs_forced(world):  # noqa: F811
         store.rollback(s, v3.id, reason="expert override", forced=True)
         assert store.active_version(s).id == v3.id and v3.status_reason == "forced expert override"
         store.rollback(s, "v1")  # a retired version: as before, no forced needed
-        assert store.active_version(s).name == "v1" and v3.status.value == "rejected"
+        assert store.active_version(s).name == "v1" and v3.status.value == "retired"
 
 
 def test_concurrent_turns_and_users_never_collide(db):  # noqa: F811

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--rollback", metavar="VERSION", help="make an earlier version active again")
     actions.add_argument("--dry-run", action="store_true", help="print the data counts and exit")
     actions.add_argument("--resume", nargs="?", const="latest", metavar="RUN", help="continue a killed run (default: the latest)")
-    actions.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
+    actions.add_argument("--force", action="store_true", help="promote even if the gate says no, or roll back to a version the gate rejected (recorded as forced)")
     actions.add_argument("--every", metavar="INTERVAL", help="repeat forever, e.g. 30m, 6h, 1d")
     actions.add_argument("--config", metavar="FILE", help="YAML/JSON refine settings (flags override)")
     actions.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -654,14 +654,15 @@ def list_versions(settings: Settings) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
 
 
-def rollback(settings: Settings, version: str) -> str:
+def rollback(settings: Settings, version: str, *, forced: bool = False) -> str:
     from annotation_db import store as st
 
     db = _open_store(settings)
     try:
         with db.session() as s:
             before = st.active_version(s)
-            v = st.rollback(s, version, reason=f"rollback from {before.name if before else 'none'} (refine --rollback)")
+            v = st.rollback(s, version, reason=f"rollback from {before.name if before else 'none'} (refine --rollback)",
+                            forced=forced)
             return f"refine: {v.name} is active again (was {before.name if before else 'none'})"
     finally:
         db.dispose()
@@ -677,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             print(list_versions(settings))
             return 0
         if args.rollback:
-            print(rollback(settings, args.rollback))
+            print(rollback(settings, args.rollback, forced=args.force))
             return 0
         cfg = config_from_args(args)
         explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
