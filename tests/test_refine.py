@@ -191,7 +191,7 @@ def test_config_flags_file_and_errors(tmp_path, capsys):
                                       "--no-lora-vision", "--supervision", "qa+caption"])
     cfg = config_from_args(args)
     assert cfg.learning_rate == 0.001 and cfg.synthetic == ["b.jsonl", "c.jsonl"] and cfg.lora_vision is False
-    assert cfg.supervision == "qa+caption" and cfg.roles == ["expert"]
+    assert cfg.supervision == "qa+caption" and cfg.roles == ["expert", "admin"]
     assert RefineConfig.from_dict(cfg.to_dict()) == cfg
     assert main(["--supervision", "pictures"]) == 1
     assert "--supervision must be one of" in capsys.readouterr().err

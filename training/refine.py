@@ -59,7 +59,7 @@ class RefineConfig:
     supervision: str = "qa"  # qa | caption | qa+caption (synthetic data; gold pairs are always QA)
     gold_holdout: float = 0.2  # share of gold images held out (the store's frozen split); 0 = train on every gold pair
     accept_threshold: float = 4.0  # an uncorrected answer with this mean score or more is gold
-    roles: list[str] = field(default_factory=lambda: ["expert"])  # rater roles whose ratings count; repeatable
+    roles: list[str] = field(default_factory=lambda: ["expert", "admin"])  # rater roles whose ratings count (admins review as experts); repeatable
     min_new: int = 1  # fewer new gold training pairs than this: exit 0 without training
     # model
     method: str = "sft"  # sft (answer tokens) | dpo (TRL, preference pairs: chosen = correction)
