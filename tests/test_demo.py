@@ -357,7 +357,7 @@ def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
     assert "v1 is active again" in insights.rollback("v1", "worse answers", req("ada"))
     assert ctx.runtime.version == "v1"
     with store.session() as s:
-        assert st.get_version(s, v2).status.value == "rejected"
+        assert st.get_version(s, v2).status.value == "retired"  # a rollback retires the version it replaces
 
 
 # ---------------------------------------------------------------------------- hot swap
