@@ -102,16 +102,9 @@ def register_version(s: Session, *, base_model: str, adapter_path: str | None = 
 
 def promote(s: Session, version_id: int | str, *, forced: bool = False,
             reason: str | None = None) -> ModelVersion:
-    """Make a version the active one (the previous active is retired)."""
-    reason = check_text(reason, "reason", required=False)
-    write_lock(s)
-    v = get_version(s, version_id)
-    if v.status is VersionStatus.active:
-        return v
-    if v.status is VersionStatus.rejected and not forced:
-        raise Conflict(f"{v.name} was rejected ({v.status_reason}); promote with forced=True to override")
-    _activate(s, v, reason or ("forced promotion" if forced else "promoted"))
-    return v
+    """Make a version the active one (the previous active is retired).
+    A version the gate rejected needs forced=True, and its reason then says "forced"."""
+    return _make_active(s, version_id, reason or "promotion", forced, "promote", "superseded by")
 
 
 def reject(s: Session, version_id: int | str, reason: str) -> ModelVersion:
@@ -139,15 +132,21 @@ def rollback(s: Session, version_id: int | str, reason: str | None = None, *,
              forced: bool = False) -> ModelVersion:
     """Re-activate an earlier version; the version active until now is retired, so a rollback
     can itself be rolled back. A version the gate rejected needs forced=True, as in promote()."""
-    reason = check_text(reason, "reason", required=False)
+    return _make_active(s, version_id, reason or "rollback", forced, "roll back", "rolled back to")
+
+
+def _make_active(s: Session, version_id: int | str, reason: str, forced: bool, verb: str,
+                 superseded: str) -> ModelVersion:
+    reason = check_text(reason, "reason")
     write_lock(s)
     v = get_version(s, version_id)
     if v.status is VersionStatus.active:
         return v
-    if v.status is VersionStatus.rejected and not forced:
-        raise Conflict(f"{v.name} was rejected ({v.status_reason}); roll back with forced=True to override")
-    reason = reason or "rollback"
-    _activate(s, v, f"forced {reason}" if v.status is VersionStatus.rejected else reason, superseded="rolled back to")
+    if v.status is VersionStatus.rejected:
+        if not forced:
+            raise Conflict(f"{v.name} was rejected ({v.status_reason}); {verb} with forced=True to override")
+        reason = f"forced {reason}"
+    _activate(s, v, reason, superseded=superseded)
     return v
 
 

@@ -65,6 +65,21 @@ def dermaloop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+PG_URL = os.environ.get("DERMALOOP_TEST_PG_URL")
+PG_SKIP = "PostgreSQL store tests skipped: DERMALOOP_TEST_PG_URL is unset (source .ci/postgres.sh)"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason=PG_SKIP))])
+def url(request, tmp_path):
+    """A fresh database URL: SQLite in a temp folder, and PostgreSQL when CI provides one."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'annotations.db'}"
+    from test_store import reset_pg
+
+    reset_pg(PG_URL)
+    return PG_URL
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random SmolVLM-architecture model + processor saved offline (built once)."""

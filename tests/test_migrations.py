@@ -3,7 +3,6 @@ created at the first revision with rows in it keeps every row on upgrade."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -14,20 +13,10 @@ from annotation_db import Store, store
 from annotation_db.db import current_revision, downgrade, make_engine, upgrade
 from annotation_db.models import Base
 
-PG_URL = os.environ.get("DERMALOOP_TEST_PG_URL")
-PG_SKIP = "PostgreSQL store tests skipped: DERMALOOP_TEST_PG_URL is unset (source .ci/postgres.sh)"
 TABLES = {"users", "images", "conversations", "conversation_images", "turns", "ratings", "model_versions",
           "training_runs", "training_run_ratings", "eval_split", "locks", "alembic_version"}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason=PG_SKIP))])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'annotations.db'}"
-    from test_store import reset_pg
-
-    reset_pg(PG_URL)
-    return PG_URL
 
 
 def test_head_matches_models_and_downgrades_to_base(url):

@@ -16,19 +16,9 @@ from sqlalchemy import func, select
 from annotation_db import Store, store
 from annotation_db.models import Rating, VersionStatus
 
-PG_URL = os.environ.get("DERMALOOP_TEST_PG_URL")
-PG_SKIP = "PostgreSQL store tests skipped: DERMALOOP_TEST_PG_URL is unset (source .ci/postgres.sh)"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason=PG_SKIP))])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'annotations.db'}"
-    from test_store import reset_pg
-
-    reset_pg(PG_URL)
-    return PG_URL
 
 
 def _seed(st: Store, writers: int, turns: int = 50) -> tuple[list[int], list[int], int]:
