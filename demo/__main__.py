@@ -1,5 +1,6 @@
 """Start the DermaLoop app.
 
+    python -m demo --versions          # library versions and known-bad combinations
     python -m demo [--host 127.0.0.1] [--port 7860] [--model ID_OR_DIR] [--adapter DIR]
                    [--db URL] [--home DIR] [--auth-file users.yaml] [--share] [--allow-anonymous]
 
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-anonymous", action="store_true",
                         help="serve without logins even when reachable from other machines (DERMALOOP_ALLOW_ANONYMOUS=1)")
     parser.add_argument("--review-need", type=int, default=None, help="expert reviews wanted per answer (default 2)")
-    parser.add_argument("--no-offline-fallback", action="store_true", help="fail instead of using the offline demo model")
+    parser.add_argument("--no-offline-fallback", action="store_true",
+                        help="on a store with no model versions, fail instead of using the offline demo model")
+    parser.add_argument("--versions", action="store_true",
+                        help="print the versions of torch, transformers, peft... and known-bad combinations, then exit")
     add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user"))
     return parser
 
@@ -96,6 +100,13 @@ def create(argv: list[str] | None = None):
     """(demo, launch kwargs) from command-line arguments: what `main` and the Spaces app.py serve."""
     space = prepare()  # before torch is imported
     args = build_parser().parse_args(argv)
+    from core import compat
+
+    if args.versions:
+        print(compat.report())
+        raise SystemExit(0)
+    for line in compat.warnings(compat.versions()):
+        print(line, file=sys.stderr, flush=True)
     from core.config import settings_from_args
     from annotation_db.errors import StoreError
     from core.errors import DermaLoopError
