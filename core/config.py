@@ -52,6 +52,7 @@ class Settings:
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     local_user: str = "local-expert"  # the single user of local mode (role expert)
+    offline_demo: bool = False  # DERMALOOP_OFFLINE_DEMO: use the offline demonstration model and its own data (<home>/offline-demo)
 
     @property
     def db_url(self) -> str:

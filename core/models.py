@@ -67,6 +67,13 @@ def is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((os.sep, ".", "~")) or source.count("/") > 1
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two sources name the same model (local paths compared resolved, hub ids as written)."""
+    if is_local(a) and is_local(b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
+
+
 def load_model(
     source: str | Path,
     *,
@@ -112,13 +119,33 @@ def load_model(
     return LoadedModel(model, processor, info)
 
 
+def _limit_longest_edge(image_processor: Any, longest_edge: int) -> None:
+    """Resize images to `longest_edge` before the model: processors that resize to a longest edge
+    (Idefics3: SmolVLM, SmolVLM2; fewer tiles when splitting) take it; fixed-size ones cannot."""
+    import dataclasses
+    import logging
+
+    size = getattr(image_processor, "size", None)
+    # transformers 5.x keeps `size` as a SizeDict dataclass, 4.x as a dict.
+    current = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    if current is None:
+        logging.getLogger("dermaloop.core").warning(
+            "longest_edge=%d has no effect: %s gives the model fixed-size images", longest_edge,
+            type(image_processor).__name__)
+        return
+    if isinstance(size, dict):
+        image_processor.size = {**size, "longest_edge": longest_edge}
+    else:
+        image_processor.size = dataclasses.replace(size, longest_edge=longest_edge)
+
+
 def _configure_images(processor: Any, image_splitting: str, device: str, longest_edge: int) -> bool | None:
     """Apply the image budget: tiling costs ~6x the time on CPU, so `auto` turns it off there."""
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         return None
-    if longest_edge and isinstance(getattr(image_processor, "size", None), dict) and "longest_edge" in image_processor.size:
-        image_processor.size = {"longest_edge": longest_edge}
+    if longest_edge:
+        _limit_longest_edge(image_processor, longest_edge)
     if not hasattr(image_processor, "do_image_splitting"):
         return None
     if image_splitting != "auto":

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on a store with no model versions, fail instead of using the offline demo model")
     parser.add_argument("--versions", action="store_true",
                         help="print the versions of torch, transformers, peft... and known-bad combinations, then exit")
-    add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user"))
+    add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user",
+                                    "offline_demo"))
     return parser
 
 
@@ -122,7 +123,9 @@ def create(argv: list[str] | None = None):
         from demo.runtime import DemoOptions, start
 
         options = DemoOptions(review_need=need, offline_fallback=not args.no_offline_fallback)
-        runtime = start(settings, options, adapter=args.adapter, notices=space.notices, zerogpu=space.zerogpu)
+        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
+        runtime = start(settings, options, adapter=args.adapter, explicit_model=explicit_model, notices=space.notices,
+                        zerogpu=space.zerogpu)
     except (DermaLoopError, StoreError, AuthError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

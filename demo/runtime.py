@@ -1,11 +1,16 @@
-"""Start-up and the running model: store, engine, offline fallback, hot version swap.
+"""Start-up and the running model: store, engine, offline demo, hot version swap.
 
-`start(settings)` opens (and migrates) the store, loads the configured base model
-or, when it cannot be loaded, the offline demonstration model, then serves the
-store's active version. `Runtime.sync()` is called before each answer (at most
-every `poll_s` seconds it asks the store which version is active, one small query)
-and swaps the adapter without a restart; an answer that is streaming keeps the
-version it started with, because the engine picks its version under its own lock.
+`start(settings)` opens (and migrates) the store, loads the base of the store's
+active version (or the configured model) and serves the active version. Every answer
+comes from a registered version: a start that cannot load what the active version
+needs stops with one line naming the version and what to do, and changes nothing
+in the store. Only a store with no model versions at all falls back to the offline
+demonstration model, which lives apart (`training.demo_model`, `<home>/offline-demo/`).
+
+`Runtime.sync()` is called before each answer (at most every `poll_s` seconds it
+asks the store which version is active, one small query) and swaps the adapter
+without a restart; an answer that is streaming keeps the version it started with,
+because the engine picks its version under its own lock.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from annotation_db.errors import StoreError
 from core.config import Settings
 from core.engine import Answer, Engine
 from core.errors import DermaLoopError, ModelLoadError
-from core.models import load_model
+from core.models import load_model, same_model
 
 log = logging.getLogger("dermaloop.demo")
 
 OFFLINE_BANNER = (
-    "**Offline demonstration model.** The configured model could not be loaded, so answers come from a tiny "
-    "model trained on drawn lesion phantoms. They carry **no clinical meaning**. Rating, review and refinement "
-    "work as usual."
+    "**Offline demonstration model.** Answers come from a tiny model trained on drawn lesion phantoms and carry "
+    "**no clinical meaning**. Its data is kept apart from the production store (`offline-demo/` in the data "
+    "directory). Rating, review and `python -m training.refine` work as usual."
 )
 
 
@@ -40,7 +45,7 @@ class DemoOptions:
 
     review_need: int = 2  # expert reviews wanted per answer (2: inter-rater agreement is measurable)
     poll_s: float = 3.0  # how often, at most, to ask the store for a newly active version
-    offline_fallback: bool = True  # use the offline demo model when the base model cannot be loaded
+    offline_fallback: bool = True  # a store with no model versions: use the offline demo model when the model cannot be loaded
     concurrency: int = 1  # answers generated at once (1 on CPU: the model is not run twice at once)
 
 
@@ -68,8 +73,9 @@ class Runtime:
     def version_id(self, name: str) -> int | None:
         return self._ids.get(name)
 
-    def sync(self, force: bool = False) -> str:
-        """Serve the store's active version (loading its adapter if new); returns the version served."""
+    def sync(self, force: bool = False, strict: bool = False) -> str:
+        """Serve the store's active version (loading its adapter if new); returns the version served.
+        A version that cannot be served keeps the current one, or raises ModelLoadError when `strict`."""
         if not force and time.monotonic() - self._checked < self.poll_s:
             return self.engine.default_version
         with self._lock:
@@ -77,18 +83,22 @@ class Runtime:
             try:
                 with self.store.session() as s:
                     v = st.active_version(s)
-                    active = None if v is None else (v.id, v.name, v.adapter_path)
+                    active = None if v is None else (v.id, v.name, v.adapter_path, v.base_model)
             except StoreError as e:  # the store is away: keep serving what we have
+                if strict:
+                    raise
                 log.warning("could not read the active version: %s", e)
                 return self.engine.default_version
             if active is None:
                 return self.engine.default_version
-            vid, name, adapter = active
+            vid, name, adapter, base = active
             if name == self.engine.default_version:
                 return name
-            if time.monotonic() - self._failed.get(name, float("-inf")) < 60:
+            if not strict and time.monotonic() - self._failed.get(name, float("-inf")) < 60:
                 return self.engine.default_version
             try:
+                if not same_model(base, self.engine.info.source):
+                    raise ModelLoadError(f"it runs on base {base} but the app loaded {self.engine.info.source}")
                 if name not in self.engine.versions:
                     if adapter:
                         self.engine.add_adapter(name, self._adapter_dir(adapter))
@@ -96,6 +106,8 @@ class Runtime:
                         self.engine.add_base_version(name)
                 self.engine.use(name)
             except DermaLoopError as e:
+                if strict:
+                    raise ModelLoadError(cannot_serve(name, base, adapter, e)) from None
                 self._failed[name] = time.monotonic()
                 log.warning("cannot serve the active version %s: %s; still serving %s", name, e, self.engine.default_version)
                 return self.engine.default_version
@@ -169,36 +181,17 @@ def worker_stream(engine: Engine) -> Callable[..., Iterator[Any]]:
 # -- start-up -------------------------------------------------------------------
 
 
-def load_engine(settings: Settings, *, offline_fallback: bool = True,
-                progress: Callable[[str], None] = print) -> tuple[Engine, Settings, Path | None]:
-    """(engine, the settings it runs with, None) for the configured model; when it cannot be loaded,
-    the offline demo model's (engine, settings, its trained adapter or None)."""
-    def load(source: str):
-        return load_model(source, device=settings.device, dtype=settings.dtype,
-                          image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
-
-    try:
-        return Engine(load(settings.model), settings), settings, None
-    except ModelLoadError as e:
-        if not offline_fallback:
-            raise
-        progress(f"{e}\nFalling back to the offline demonstration model (built once, then cached).")
-    base_dir, adapter_dir = offline_model(settings, progress)
-    offline_settings = settings.replace(model=str(base_dir))
-    return Engine(load(str(base_dir)), offline_settings), offline_settings, adapter_dir or OFFLINE_NO_ADAPTER
+def cannot_serve(name: str, base: str, adapter: str | None, why: Exception | str) -> str:
+    """The one line a start that cannot serve the active version stops with."""
+    what = f"base {base}" + (f", adapter {adapter}" if adapter else "")
+    return (f"cannot serve the active model version {name} ({what}): {why}. Nothing was changed. Make the base "
+            f"loadable (network, or the model cache under HF_HOME), start with --model {base}, or make another "
+            f"version active: python -m training.refine --list, then --rollback VERSION")
 
 
-OFFLINE_NO_ADAPTER = Path()  # offline, but no trained adapter to register
-
-
-def offline_model(settings: Settings, progress: Callable[[str], None] = print) -> tuple[Path, Path | None]:
-    """(base dir, adapter dir or None) of the offline demo model, built and cached by `training.demo_model`
-    on first use (it also registers its adapter as the active version)."""
-    from training.demo_model import ensure_demo_model
-
-    dm = ensure_demo_model(settings, progress=progress)
-    adapter = getattr(dm, "adapter_dir", None)
-    return Path(dm.base_dir), Path(adapter) if adapter else None
+def _load(settings: Settings):
+    return load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                      image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
 
 
 def start(
@@ -206,19 +199,53 @@ def start(
     options: DemoOptions | None = None,
     *,
     adapter: str | Path | None = None,
+    explicit_model: bool = True,
     notices: Sequence[str] = (),
     zerogpu: bool = False,
     progress: Callable[[str], None] = print,
 ) -> Runtime:
-    """Migrate the store, load the model (or the offline one), serve the active version."""
+    """Migrate the store, load the active version's base (or `settings.model` when `explicit_model` or
+    the store has no active version), serve the active version; the offline demo when asked for
+    (`settings.offline_demo`) or when a store without versions cannot load its model."""
     options = options or DemoOptions()
     store = Store.open(settings.db_url, migrate=True)
-    engine, settings, offline = load_engine(settings, offline_fallback=options.offline_fallback, progress=progress)
-    with store.session() as s:
-        if offline is not None and offline != OFFLINE_NO_ADAPTER:
-            _register_once(s, settings.model, offline)
-    return attach(settings, engine, store, options, adapter=adapter, offline=offline is not None, notices=notices,
-                  zerogpu=zerogpu)
+    try:
+        with store.session() as s:
+            versions = st.list_versions(s)
+            active = st.active_version(s)
+            active_info = None if active is None else (active.name, active.base_model, active.adapter_path)
+        if settings.offline_demo:
+            store.dispose()
+            return _start_demo(settings, options, adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
+        if active_info is not None and not explicit_model:
+            settings = settings.replace(model=active_info[1])
+        try:
+            engine = Engine(_load(settings), settings)
+        except ModelLoadError as e:
+            if versions or not options.offline_fallback:
+                if active_info is None:
+                    raise
+                raise ModelLoadError(cannot_serve(*active_info, e)) from None
+            progress(f"{e}\nThe store has no model versions yet, so the offline demonstration model is used "
+                     f"(built once, then cached; its data is kept apart under {settings.home / 'offline-demo'}).")
+            store.dispose()
+            return _start_demo(settings, options, adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
+        return attach(settings, engine, store, options, adapter=adapter, notices=notices, zerogpu=zerogpu)
+    except BaseException:
+        store.dispose()
+        raise
+
+
+def _start_demo(settings: Settings, options: DemoOptions, *, progress: Callable[[str], None], **kwargs: Any) -> Runtime:
+    from training.demo_model import ensure_demo_model
+
+    demo = ensure_demo_model(settings, progress=progress)
+    store = Store.open(demo.settings.db_url, migrate=True)
+    try:
+        return attach(demo.settings, Engine(_load(demo.settings), demo.settings), store, options, offline=True, **kwargs)
+    except BaseException:
+        store.dispose()
+        raise
 
 
 def attach(
@@ -232,11 +259,13 @@ def attach(
     notices: Sequence[str] = (),
     zerogpu: bool = False,
 ) -> Runtime:
-    """A Runtime around an engine and a store that exist already (what tests build)."""
+    """A Runtime around an engine and a store that exist already: registers `adapter` (loaded first, in
+    the same transaction, so an adapter that does not fit registers nothing) or, on a store with no
+    active version, the bare base; then serves the active version or raises ModelLoadError."""
     options = options or DemoOptions()
     with store.session() as s:
         if adapter is not None:
-            _register_adapter(s, settings.model, Path(adapter))
+            _register_adapter(s, engine, settings.model, Path(adapter))
         st.ensure_base_version(s, settings.model)
     stream_fn = None
     if zerogpu:
@@ -245,31 +274,22 @@ def attach(
         stream_fn = spaces.GPU(duration=120)(worker_stream(engine))
     runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn,
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
-    runtime.sync(force=True)
+    runtime.sync(force=True, strict=True)
     return runtime
 
 
-def _register_once(s, base_model: str, adapter: Path) -> None:
-    """The offline demo model's adapter: registered as the active version the first time only, so a
-    version refined from it later (and promoted) stays active across restarts."""
-    path = str(adapter.expanduser().resolve())
-    if any(v.adapter_path == path for v in st.list_versions(s)):
-        return
-    active = st.active_version(s)
-    st.register_version(s, base_model=base_model, adapter_path=path, status="active",
-                        parent_id=active.id if active is not None and active.base_model == base_model else None,
-                        note="offline demonstration model")
-
-
-def _register_adapter(s, base_model: str, adapter: Path) -> None:
-    """`--adapter DIR`: serve it as the active version (registered once, found again by its path)."""
+def _register_adapter(s, engine: Engine, base_model: str, adapter: Path) -> None:
+    """`--adapter DIR`: serve it as the active version (registered once, found again by its path). The
+    adapter is loaded inside the transaction: if it does not fit the base, nothing is registered."""
     path = str(adapter.expanduser().resolve())
     if not (Path(path) / "adapter_config.json").exists():
         raise ModelLoadError(f"adapter not found: {path} has no adapter_config.json")
     for v in st.list_versions(s):
         if v.adapter_path == path:
+            engine.add_adapter(v.name, path)
             st.promote(s, v.id, forced=True, reason="served with --adapter")
             return
     active = st.active_version(s)
-    st.register_version(s, base_model=base_model, adapter_path=path, parent_id=active.id if active else None,
-                        status="active", note="served with --adapter")
+    v = st.register_version(s, base_model=base_model, adapter_path=path, parent_id=active.id if active else None,
+                            status="active", note="served with --adapter")
+    engine.add_adapter(v.name, path)

@@ -95,6 +95,25 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llava"), family="llava", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter for the tiny model (random B, so its answers differ from the base's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_model
+
+    model = load_model(tiny_model_dir).model
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_engine(tiny_model_dir: Path):
     """A fresh engine on the tiny model (loading takes well under a second)."""

@@ -26,7 +26,6 @@ from core.models import load_model
 from demo.app import build_demo, launch_kwargs
 from demo.auth import AuthConfig, add_user
 from demo.runtime import DemoOptions, attach
-from test_demo import tiny_adapter_dir  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

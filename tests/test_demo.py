@@ -363,25 +363,6 @@ def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
 # ---------------------------------------------------------------------------- hot swap
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter for the tiny model (random B, so its answers differ from the base's)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from core.models import load_model
-
-    model = load_model(tiny_model_dir).model
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
-
-
 def test_a_newly_promoted_version_answers_the_next_question(ctx, tmp_path, store, tiny_adapter_dir):
     consult, case = Consult(ctx), Case()
     ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?")
@@ -434,26 +415,3 @@ def test_zerogpu_generation_runs_inside_spaces_gpu_with_picklable_arguments(sett
     ask(consult, case, [], "And then?")  # history with images crosses the boundary too
     assert calls == [120, 120] and "model v1" in case.messages[-1]["content"]
     assert counts(store)["turns"] == 2
-
-
-def test_offline_demo_model_adapter_is_served_and_later_versions_survive_restarts(tiny_model_dir, tiny_adapter_dir, monkeypatch, tmp_path):
-    """With training.demo_model's (base, adapter): the adapter becomes the active version once; a version
-    promoted later stays active when the app restarts."""
-    import sys
-
-    from demo.runtime import OFFLINE_BANNER, start
-
-    fake = SimpleNamespace(ensure_demo_model=lambda settings, progress=print: SimpleNamespace(
-        base_dir=tiny_model_dir, version="demo", adapter_dir=tiny_adapter_dir))
-    monkeypatch.setitem(sys.modules, "training.demo_model", fake)
-    settings = Settings.from_env(model=str(tmp_path / "unreachable-model"), max_new_tokens=8)
-    first = start(settings, DemoOptions(poll_s=0), progress=lambda m: None)
-    assert first.offline and OFFLINE_BANNER in first.notices and first.engine.versions[first.version] == str(tiny_adapter_dir.resolve())
-    with first.store.session() as s:
-        promoted = st.register_version(s, base_model=first.settings.model, status="active", note="refined later").name
-    first.store.dispose()
-    again = start(settings, DemoOptions(poll_s=0), progress=lambda m: None)
-    assert again.version == promoted
-    with again.store.session() as s:
-        assert len(st.list_versions(s)) == 2  # the demo adapter (registered once), the refined one
-    again.store.dispose()

@@ -219,42 +219,6 @@ def test_spaces_setup_uses_persistent_storage_or_warns(tmp_path):
 # ------------------------------------------------------------------------------ offline model
 
 
-def test_an_unreachable_model_falls_back_to_the_offline_demo_model(tmp_path, dermaloop_home, tiny_model_dir, monkeypatch):
-    """The app side of the fallback. training.demo_model's own build (a minute or more on 2 cores) is
-    tested with training; here it is replaced by one that hands back the tiny model at once."""
-    from conftest import draw_lesion
-
-    from core.config import Settings
-    from demo.common import Ctx
-    from demo.consult import Case, Consult
-    from demo.runtime import OFFLINE_BANNER, DemoOptions, start
-
-    built: list = []
-
-    def ensure_demo_model(settings, *, progress=print):
-        built.append(settings.models_dir)
-        progress("offline demo model: building")
-        return SimpleNamespace(base_dir=tiny_model_dir, version="v1", adapter_dir=None)
-
-    monkeypatch.setitem(sys.modules, "training.demo_model", SimpleNamespace(ensure_demo_model=ensure_demo_model))
-    settings = Settings.from_env(model="HuggingFaceTB/no-such-model-offline", max_new_tokens=8)
-    messages: list[str] = []
-    runtime = start(settings, DemoOptions(), progress=messages.append)
-    try:
-        assert runtime.offline and runtime.notices[0] == OFFLINE_BANNER and built == [dermaloop_home / "models"]
-        assert "could not load model 'HuggingFaceTB/no-such-model-offline'" in messages[0] and "offline" in messages[0]
-        assert runtime.settings.model == str(tiny_model_dir)
-        ctx = Ctx(runtime, AuthConfig.local(), DemoOptions())
-        draw_lesion().save(tmp_path / "a.png")
-        case = Case()
-        list(Consult(ctx).ask(case, [str(tmp_path / "a.png")], "What is it?", *[None] * 7, "free", SimpleNamespace()))
-        assert f"model {runtime.version}" in case.messages[-1]["content"]
-    finally:
-        runtime.store.dispose()
-    with pytest.raises(Exception, match="could not load model"):
-        start(settings, DemoOptions(offline_fallback=False))
-
-
 def test_oauth_mode_shows_the_hugging_face_login_button(tiny_engine, tiny_model_dir, dermaloop_home, monkeypatch):
     import gradio.oauth as go
 

@@ -26,7 +26,8 @@ def test_demo_model_builds_learns_phantoms_and_is_cached(dermaloop_home):
     assert demo.version == "v1" and (demo.base_dir / "config.json").exists()
     assert (demo.adapter_dir / "adapter_config.json").exists()
     assert "accuracy" in messages[-1]
-    db = Store.open(settings.db_url)
+    assert demo.settings.home == dermaloop_home / "offline-demo" and demo.base_dir.is_relative_to(dermaloop_home.resolve())
+    db = Store.open(demo.settings.db_url)
     with db.session() as s:
         v1 = st.get_version(s, "v1")
         assert v1.status.value == "active" and v1.base_model == str(demo.base_dir)

@@ -1,10 +1,19 @@
-"""The offline demonstration model: what the app runs when the configured base model cannot be loaded.
+"""The offline demonstration model: a demo, never production.
 
-    from training.demo_model import ensure_demo_model
-    demo = ensure_demo_model(settings)      # DemoModel(base_dir, version, adapter_dir)
+    from training.demo_model import ensure_demo_model, in_demo_mode
+    demo = ensure_demo_model(settings)      # DemoModel(base_dir, version, adapter_dir, settings)
 
-With `<home>/models/offline-base` and an active version in the store, this returns at
-once. Otherwise it builds one (about a minute on 2 CPU cores):
+The demo lives apart from the production store: its own data directory and SQLite
+database under `<home>/offline-demo/` (`demo_settings`). The app enters it when asked
+(`--offline-demo`, DERMALOOP_OFFLINE_DEMO=1) or when the configured model cannot be
+loaded and the production store has no model versions at all; `in_demo_mode` tells
+`python -m training.refine` (same `--home`) to train the demo's model on the demo's
+ratings then, with the lesion phantoms as synthetic data. A store that has versions
+never falls back: the app stops with a message instead.
+
+With `<home>/offline-demo/models/offline-base` and an active version in the demo's
+store, `ensure_demo_model` returns at once. Otherwise it builds one (about a minute
+on 2 CPU cores):
 
 1. a tiny SmolVLM-architecture model (`core.tiny`), its tokenizer trained on the
    phantom question/answer texts and the system instruction (short sequences);
@@ -33,6 +42,7 @@ from typing import Callable
 
 from core.config import Settings
 
+DEMO_DIR = "offline-demo"  # under the data directory
 BASE_NAME = "offline-base"
 N_TRAIN = 300  # phantoms per class cycle: 50 per class
 N_HELDOUT = 60
@@ -44,6 +54,39 @@ class DemoModel:
     base_dir: Path  # the tiny base model (processor included)
     version: str  # the store version to use (active)
     adapter_dir: Path | None  # its LoRA adapter
+    settings: Settings  # the demo's own settings (data directory, database, model)
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's settings: `<home>/offline-demo/` with its own SQLite store, the tiny base as the model."""
+    if settings.offline_demo and settings.home.name == DEMO_DIR:
+        return settings  # already the demo's
+    home = settings.home / DEMO_DIR
+    return settings.replace(home=home, db="", model=str((home / "models" / BASE_NAME).resolve()), offline_demo=True)
+
+
+def in_demo_mode(settings: Settings) -> bool:
+    """Whether commands on `settings` act on the offline demo: asked for, or the demo exists and the
+    production store has no model versions at all."""
+    from annotation_db import store as st
+    from annotation_db.db import Store
+
+    if settings.offline_demo:
+        return True
+    if not (settings.home / DEMO_DIR / "annotations.db").exists():
+        return False
+    db = Store.open(settings.db_url)
+    try:
+        with db.session() as s:
+            return not st.list_versions(s)
+    finally:
+        db.dispose()
+
+
+def phantom_data(settings: Settings) -> tuple[Path, Path]:
+    """(train, held-out) phantom JSONL files of the demo: its synthetic data and its gate's eval set."""
+    base = Path(demo_settings(settings).model) / "phantoms"
+    return base / "train.jsonl", base / "heldout.jsonl"
 
 
 def demo_refine_config():
@@ -58,17 +101,19 @@ def demo_refine_config():
 
 
 def ensure_demo_model(settings: Settings, *, progress: Callable[[str], None] = print) -> DemoModel:
-    """The offline demo model, built and registered if it is not there yet."""
+    """The offline demo model, built and registered in the demo's own store if it is not there yet."""
     from annotation_db import store as st
     from annotation_db.db import Store
 
-    base_dir = settings.models_dir / BASE_NAME
+    settings = demo_settings(settings)
+    base_dir = Path(settings.model)
     db = Store.open(settings.db_url)
     try:
         with db.session() as s:
             active = st.active_version(s)
             if active is not None and (base_dir / "config.json").exists():
-                return DemoModel(base_dir, active.name, Path(active.adapter_path) if active.adapter_path else None)
+                adapter = Path(active.adapter_path) if active.adapter_path else None
+                return DemoModel(base_dir, active.name, adapter, settings)
     finally:
         db.dispose()
     return build_demo_model(settings, progress=progress)
@@ -78,16 +123,17 @@ def build_demo_model(settings: Settings, *, progress: Callable[[str], None] = pr
     from training.refine import run_refine
 
     t0 = time.perf_counter()
-    base_dir = settings.models_dir / BASE_NAME
+    settings = demo_settings(settings)
+    base_dir = Path(settings.model)
     if not (base_dir / "config.json").exists():
         progress("offline demo model: building a tiny vision-language model and lesion phantoms…")
         _build_base(base_dir)
     progress(f"offline demo model: training on lesion phantoms (about a minute)… base ready after {time.perf_counter() - t0:.0f} s")
     cfg = cfg or demo_refine_config()
-    cfg.synthetic = [str(base_dir / "phantoms" / "train.jsonl")]
-    cfg.synthetic_eval = [str(base_dir / "phantoms" / "heldout.jsonl")]
-    outcome = run_refine(settings.replace(model=str(base_dir), device="cpu" if settings.device == "auto" else settings.device),
-                         cfg, progress=False, explicit_model=True, offline_demo=True, out=lambda m: None)
+    train, heldout = phantom_data(settings)
+    cfg.synthetic, cfg.synthetic_eval = [str(train)], [str(heldout)]
+    outcome = run_refine(settings.replace(device="cpu" if settings.device == "auto" else settings.device),
+                         cfg, progress=False, explicit_model=True, out=lambda m: None)
     if outcome.status != "promoted":
         from training.errors import TrainingError
 
@@ -95,7 +141,7 @@ def build_demo_model(settings: Settings, *, progress: Callable[[str], None] = pr
     acc = outcome.report["metrics_candidate"].get("diagnosis_accuracy")
     progress(f"offline demo model {outcome.version} ready in {time.perf_counter() - t0:.0f} s "
              f"(held-out phantom diagnosis accuracy {acc:.2f})")
-    return DemoModel(base_dir, outcome.version, settings.models_dir / outcome.version)
+    return DemoModel(base_dir, outcome.version, settings.models_dir / outcome.version, settings)
 
 
 def phantom_texts() -> list[str]:

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_args(p.add_argument_group("refine settings"))
     add_settings_args(p.add_argument_group("instance settings"),
-                      only=("home", "model", "db", "device", "dtype", "image_splitting", "longest_edge"))
+                      only=("home", "model", "db", "device", "dtype", "image_splitting", "longest_edge", "offline_demo"))
     return p
 
 
@@ -197,7 +197,7 @@ def parse_interval(text: str) -> float:
 
 @dataclass
 class Outcome:
-    status: str  # promoted | rejected | skipped | dry-run | busy
+    status: str  # promoted | rejected | skipped | dry-run | busy | worker (an accelerate process other than the main one)
     summary: str  # the one line printed on stdout
     version: str | None = None
     run_id: str | None = None
@@ -267,7 +267,6 @@ def run_refine(
     dry_run: bool = False,
     progress: bool = True,
     explicit_model: bool = False,
-    offline_demo: bool = False,
     out: Callable[[str], None] = print,
 ) -> Outcome:
     """One refine run (see the module docstring). Called by every process under accelerate."""
@@ -294,7 +293,7 @@ def run_refine(
         if main:
             try:
                 payload[0] = _prepare(db, settings, cfg, owner, resume=resume, dry_run=dry_run,
-                                      explicit_model=explicit_model, out=out)
+                                      explicit_model=explicit_model, force=force, out=out)
             except LockHeld as e:
                 payload[0] = {"status": "busy", "summary": f"refine: another refine is running ({e})"}
             except DermaLoopError as e:
@@ -311,9 +310,9 @@ def run_refine(
         result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan_msg, progress=progress, out=out)
         accelerator.wait_for_everyone()
         if not main:
-            return Outcome("trained", "worker process done", run_id=run_dir.name, run_dir=run_dir)
+            return Outcome("worker", "worker process done", run_id=run_dir.name, run_dir=run_dir)
         return _gate_and_register(db, settings, cfg, run_dir, plan_msg, result, adapter_dir, force=force,
-                                  progress=progress, offline_demo=offline_demo, device=str(accelerator.device), out=out)
+                                  progress=progress, device=str(accelerator.device), out=out)
     finally:
         if db is not None:
             with db.session() as s:
@@ -322,7 +321,7 @@ def run_refine(
 
 
 def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resume: str | None, dry_run: bool,
-             explicit_model: bool, out: Callable[[str], None]) -> dict[str, Any]:
+             explicit_model: bool, force: bool, out: Callable[[str], None]) -> dict[str, Any]:
     """Main process: lock, data, run record. Returns the message broadcast to every process."""
     from annotation_db import store as st
     from training.refine_data import DataPlan, build_plan
@@ -377,7 +376,7 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
             if cfg.method == "sft" and not plan.train:
                 s.rollback()
                 return {"status": "skipped", "summary": "refine: nothing to train on: no gold pairs and no --synthetic data"}
-            if not plan.heldout:
+            if not plan.heldout and not force:  # --force promotes without the gate: recorded as ungated
                 raise TrainingError("no held-out examples for the gate: raise --gold-holdout, or give --synthetic "
                                     "data with --synthetic-holdout > 0 or --synthetic-eval")
             base = settings.model if (explicit_model or active is None) else active.base_model
@@ -500,14 +499,14 @@ def _load(path: str):
 
 
 def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, msg: dict, result: Any,
-                       adapter_dir: Path, *, force: bool, progress: bool, offline_demo: bool, device: str,
+                       adapter_dir: Path, *, force: bool, progress: bool, device: str,
                        out: Callable[[str], None]) -> Outcome:
     from annotation_db import store as st
     from core.config import GenerationSettings
     from core.engine import Engine
     from core.errors import ModelLoadError
     from core.models import load_model
-    from training.gate import decide, evaluate_versions
+    from training.gate import Decision, decide, evaluate_versions
     from training.modelcard import loss_svg, model_card, run_markdown
     from training.refine_data import DataPlan
 
@@ -528,34 +527,40 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
 
     cand_engine = engine_for(msg["base"])
     cand_engine.add_adapter("candidate", adapter_dir)
-    reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size, metrics=metrics,
-                                generation=gen, progress=progress)
     active_name = active_info["name"] if active_info else "base"
-    act_engine, act_version = cand_engine, "base"
-    if active_info is not None:
-        try:
-            act_engine = engine_for(active_info["base"])
-            if active_info["adapter"]:
-                act_engine.add_adapter(active_name, active_info["adapter"])
-            else:
-                act_engine.add_base_version(active_name)
-            act_version = active_name
-        except ModelLoadError as e:  # e.g. the hub model of the active version is unreachable offline
-            out(f"refine: cannot load the active version {active_name} ({e}); comparing with the bare base instead")
-            act_engine, act_version, active_name = cand_engine, "base", f"bare base (active {active_name} unavailable)"
-    reports.update(evaluate_versions(act_engine, plan.heldout, [act_version], batch_size=cfg.eval_batch_size,
-                                     metrics=metrics, generation=gen, progress=progress))
-    rep_c, rep_a = reports["candidate"], reports[act_version]
-    decision = decide(rep_c.metrics, rep_a.metrics, primary=cfg.primary_metric, tolerance=cfg.tolerance,
-                      max_repetition=cfg.max_repetition, force=force)
-    for name, rep in (("candidate", rep_c), (act_version, rep_a)):
-        rep.save(run_dir / "eval" / name)
+    if not plan.heldout:  # only with --force (_prepare refuses otherwise)
+        reason = "promoted without the gate (--force): no held-out examples to evaluate on"
+        decision = Decision(True, True, reason, "none", None, None)
+        metrics_c, metrics_a = {}, {}
+    else:
+        reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size,
+                                    metrics=metrics, generation=gen, progress=progress)
+        act_engine, act_version = cand_engine, "base"
+        if active_info is not None:
+            try:
+                act_engine = engine_for(active_info["base"])
+                if active_info["adapter"]:
+                    act_engine.add_adapter(active_name, active_info["adapter"])
+                else:
+                    act_engine.add_base_version(active_name)
+                act_version = active_name
+            except ModelLoadError as e:  # e.g. the hub model of the active version is unreachable offline
+                out(f"refine: cannot load the active version {active_name} ({e}); comparing with the bare base instead")
+                act_engine, act_version, active_name = cand_engine, "base", f"bare base (active {active_name} unavailable)"
+        reports.update(evaluate_versions(act_engine, plan.heldout, [act_version], batch_size=cfg.eval_batch_size,
+                                         metrics=metrics, generation=gen, progress=progress))
+        rep_c, rep_a = reports["candidate"], reports[act_version]
+        metrics_c, metrics_a = rep_c.metrics, rep_a.metrics
+        decision = decide(metrics_c, metrics_a, primary=cfg.primary_metric, tolerance=cfg.tolerance,
+                          max_repetition=cfg.max_repetition, force=force)
+        rep_c.save(run_dir / "eval" / "candidate")
+        rep_a.save(run_dir / "eval" / act_version)
     training = {"steps": result.steps, "losses": result.losses, "examples_per_s": result.examples_per_s,
                 "seconds": result.seconds, "final_loss": result.final_loss, "resumed_from": result.resumed_from, **result.extra}
     report: dict[str, Any] = {
         "run_id": run_dir.name, "base_model": msg["base"], "init_from": msg["init_from"], "method": cfg.method,
         "active_version": active_name, "counts": plan.counts, "training": training,
-        "metrics_candidate": rep_c.metrics, "metrics_active": rep_a.metrics, "decision": decision.to_dict(),
+        "metrics_candidate": metrics_c, "metrics_active": metrics_a, "decision": decision.to_dict(),
         "config": cfg.to_dict(),
     }
     (run_dir / "loss.svg").write_text(loss_svg(result.losses), encoding="utf-8")
@@ -581,20 +586,21 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
             shutil.copytree(adapter_dir, tmp)
             card = model_card(
                 version=name, base_model=msg["base"], parent=active_name if msg["init_from"] else None, status=status,
-                decision=decision.to_dict(), counts=plan.counts, config=cfg.to_dict(), metrics_candidate=rep_c.metrics,
-                metrics_active=rep_a.metrics, active_name=active_name, run_id=run_dir.name, eval_n=len(plan.heldout),
-                offline_demo=offline_demo,
+                decision=decision.to_dict(), counts=plan.counts, config=cfg.to_dict(), metrics_candidate=metrics_c,
+                metrics_active=metrics_a, active_name=active_name, run_id=run_dir.name, eval_n=len(plan.heldout),
+                offline_demo=settings.offline_demo,
             )
             (tmp / "README.md").write_text(card, encoding="utf-8")
             _write_json(tmp / "refine_config.json", {"refine": cfg.to_dict(), "base_model": msg["base"],
                                                      "init_from": msg["init_from"], "run_id": run_dir.name})
-            rep_c.save(tmp / "eval")
+            if plan.heldout:
+                rep_c.save(tmp / "eval")
             os.replace(tmp, final)
             st.finish_training_run(s, msg["store_run_id"], status="completed", counts=plan.counts,
                                    rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_rating_ids(plan),
                                    synthetic_ids=plan.synthetic_ids if cfg.method == "sft" else [],
                                    report=_json_safe({k: v for k, v in report.items() if k != "config"}))
-            metrics_record = {"candidate": rep_c.metrics, "active": rep_a.metrics, "compared_with": active_name,
+            metrics_record = {"candidate": metrics_c, "active": metrics_a, "compared_with": active_name,
                               "eval_n": len(plan.heldout), "decision": decision.to_dict()}
             v = st.register_version(s, base_model=msg["base"], adapter_path=str(final.resolve()),
                                     parent_id=msg["parent"], training_run_id=msg["store_run_id"],
@@ -668,33 +674,65 @@ def rollback(settings: Settings, version: str, *, forced: bool = False) -> str:
         db.dispose()
 
 
+def _demo_defaults(settings: Settings, cfg: RefineConfig, out: Callable[[str], None]) -> Settings:
+    """In offline demo mode (training.demo_model): the demo's data directory and store, its phantoms as
+    the synthetic data and the gate's eval set unless others are given."""
+    from training.demo_model import demo_settings, phantom_data
+
+    demo = demo_settings(settings)
+    train, heldout = phantom_data(demo)
+    cfg.synthetic = cfg.synthetic or [str(train)]
+    cfg.synthetic_eval = cfg.synthetic_eval or [str(heldout)]
+    out(f"refine: offline demo mode: working on {demo.home} (the production store has no model versions)")
+    return demo
+
+
+BACKOFF_S = 60.0  # --every: first wait after a failed run; doubles per failure, at most the interval
+
+
 def main(argv: list[str] | None = None) -> int:
     from annotation_db.errors import StoreError
+    from training.demo_model import in_demo_mode
 
     args = build_parser().parse_args(argv)
-    try:
+    try:  # configuration: a mistake here ends the command, even with --every
         settings = settings_from_args(args)
+        cfg = config_from_args(args)
+        interval = parse_interval(args.every) if args.every else None
+        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
+        if in_demo_mode(settings):
+            settings, explicit_model = _demo_defaults(settings, cfg, print), False
         if args.list:
             print(list_versions(settings))
             return 0
         if args.rollback:
             print(rollback(settings, args.rollback, forced=args.force))
             return 0
-        cfg = config_from_args(args)
-        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
-        interval = parse_interval(args.every) if args.every else None
+    except (DermaLoopError, StoreError) as e:
+        print(f"refine: {e}", file=sys.stderr)
+        return 1
+    failures = 0
+    try:
         while True:
-            outcome = run_refine(settings, cfg, force=args.force, resume=args.resume, dry_run=args.dry_run,
-                                 progress=not args.quiet, explicit_model=explicit_model)
-            if outcome.summary != "worker process done":
+            try:
+                outcome = run_refine(settings, cfg, force=args.force, resume=args.resume, dry_run=args.dry_run,
+                                     progress=not args.quiet, explicit_model=explicit_model)
+            except (DermaLoopError, StoreError, OSError) as e:
+                print(f"refine: {e}", file=sys.stderr, flush=True)
+                if interval is None:
+                    return 1
+                failures += 1
+                wait = min(interval, BACKOFF_S * 2 ** (failures - 1))
+                print(f"refine: run failed ({failures} in a row); next try in {wait:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                continue
+            failures = 0
+            if outcome.status != "worker":
                 print(outcome.summary, flush=True)
             if interval is None:
                 return EXIT_BUSY if outcome.status == "busy" else 0
             args.resume = None
             time.sleep(interval)
-    except (DermaLoopError, StoreError) as e:
-        print(f"refine: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("refine: interrupted", file=sys.stderr)
         return 130
