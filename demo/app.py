@@ -263,7 +263,11 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
         "run_history": False,  # never keep clinical questions in the browser
     }
     if ctx.auth.mode == "password":
-        kwargs["auth"] = ctx.auth.check_password
+        from demo.security import LoginGuard
+
+        guard = LoginGuard(ctx.auth)
+        kwargs["auth"] = guard.check
+        kwargs["app_kwargs"] = {"middleware": [guard.middleware()]}
         kwargs["auth_message"] = "DermaLoop: research use only. Sign in with the account your administrator gave you."
     kwargs.update(overrides)
     return kwargs

@@ -2,11 +2,13 @@
 
     python -m demo.auth hash              # prints a bcrypt hash for a password typed twice
     python -m demo.auth add users.yaml eve expert
+    printf '%s\n' "$PW" | python -m demo.auth add users.yaml eve expert --password-stdin   # scripted
 
 Three modes, chosen at start-up:
 - local (default): one user, `Settings.local_user`, role expert; no login.
 - password: `--auth-file users.yaml` (or DERMALOOP_AUTH_FILE). Gradio's login page
-  checks the bcrypt hash; the rater is always `gr.Request.username`.
+  checks the bcrypt hash through `demo.security.LoginGuard` (off the event loop, with
+  back-off); the rater is always `gr.Request.username`.
 - oauth (Spaces): `gr.LoginButton`; roles from the DERMALOOP_ROLES secret
   ("alice=admin,bob=expert"); everyone else signed in gets DERMALOOP_DEFAULT_ROLE
   (clinician). Not signed in: no access.
@@ -84,18 +86,6 @@ class AuthConfig:
         if default_role not in ROLES:
             raise AuthError(f"default role must be one of {', '.join(ROLES)}, not {default_role!r}")
         return cls(mode="oauth", oauth_roles=parse_roles(roles), default_role=default_role)
-
-    # -- Gradio's login form (password mode) ------------------------------
-    def check_password(self, username: str, password: str) -> bool:
-        import bcrypt
-
-        entry = self.users.get((username or "").strip())
-        if entry is None or not password:
-            return False
-        try:
-            return bcrypt.checkpw(password.encode(), entry.password_hash.encode())
-        except ValueError:  # a malformed hash in the file: no login, never a crash
-            return False
 
     # -- every handler ------------------------------------------------------
     def identify(self, request: Any) -> Identity:
@@ -233,7 +223,16 @@ def add_user(path: str | Path, name: str, role: str, password: str, rounds: int 
     path = Path(path)
     data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     data.setdefault("users", {})[name] = {"role": role, "password_hash": hash_password(password, rounds)}
-    path.write_text(yaml.safe_dump(data, sort_keys=True))
+    # Written 0600 under a temp name, then renamed: never readable by others, never half-written.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def auth_from_env(auth_file: str | Path | None, local_user: str) -> AuthConfig:
@@ -254,11 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("file", type=Path)
     add.add_argument("name")
     add.add_argument("role", choices=ROLES)
+    for p in sub.choices.values():
+        p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     args = parser.parse_args(argv)
     try:
-        password = getpass.getpass("password: ")
-        if password != getpass.getpass("again: "):
-            raise AuthError("the passwords differ")
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass("password: ")
+            if password != getpass.getpass("again: "):
+                raise AuthError("the passwords differ")
         if args.cmd == "hash":
             print(hash_password(password))
         else:

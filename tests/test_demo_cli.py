@@ -143,8 +143,11 @@ def test_users_file_logins_and_roles(tmp_path):
     add_user(users, "eve", "expert", "s3cret", rounds=4)
     add_user(users, "cara", "clinician", "pw", rounds=4)
     auth = AuthConfig.from_file(users)
-    assert auth.check_password("eve", "s3cret") and not auth.check_password("eve", "wrong")
-    assert not auth.check_password("nobody", "s3cret") and not auth.check_password("eve", "")
+    from demo.security import LoginGuard
+
+    guard = LoginGuard(auth)
+    assert guard.verify("eve", "s3cret") and not guard.verify("eve", "wrong")
+    assert not guard.verify("nobody", "s3cret") and not guard.verify("eve", "")
     eve = auth.identify(SimpleNamespace(username="eve"))
     assert (eve.name, eve.role, eve.can_rate, eve.is_admin) == ("eve", "expert", True, False)
     with pytest.raises(Denied, match="clinician"):

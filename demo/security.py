@@ -1,0 +1,155 @@
+"""Logins that cannot freeze the server or reveal who has an account.
+
+    guard = LoginGuard(auth)                      # auth: a password-mode AuthConfig
+    demo.launch(auth=guard.check, app_kwargs={"middleware": [guard.middleware()]})
+
+- bcrypt runs in worker threads (at most `LoginPolicy.hash_threads` at once), never on
+  the web server's event loop: Gradio awaits `check` because it is a coroutine.
+- An unknown name is checked against a dummy hash of the same cost, so a failure takes
+  as long for a known name as for an unknown one.
+- Back-off: after `max_failures` failures within `window_s`, a user name, and
+  separately a client address, is refused without hashing for `lock_s` seconds,
+  doubling with each further lock (at most `max_lock_s`). Every lock is logged. The
+  address is the TCP peer: behind a reverse proxy, limit by address there too
+  (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import anyio
+
+from demo.auth import AuthConfig
+
+log = logging.getLogger("dermaloop.security")
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    max_failures: int = 5  # failures within window_s before a lock
+    window_s: float = 900.0
+    lock_s: float = 30.0  # first lock; doubles per further lock
+    max_lock_s: float = 900.0
+    hash_threads: int = 2  # bcrypt checks at once (each ~0.25 s of one core at cost 12)
+
+
+@dataclass
+class _Record:
+    failures: list[float] = field(default_factory=list)
+    locks: int = 0
+    locked_until: float = 0.0
+
+
+class Throttle:
+    """Failures per key (a user name or an address) and the back-off they earn."""
+
+    def __init__(self, policy: LoginPolicy, what: str, clock: Callable[[], float] = time.monotonic):
+        self.policy, self.what, self.clock = policy, what, clock
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+
+    def locked(self, key: str) -> float:
+        """Seconds `key` must still wait (0: may try)."""
+        with self._lock:
+            rec = self._records.get(key)
+            return max(0.0, rec.locked_until - self.clock()) if rec else 0.0
+
+    def failed(self, key: str) -> None:
+        now = self.clock()
+        with self._lock:
+            rec = self._records.setdefault(key, _Record())
+            rec.failures = [t for t in rec.failures if now - t < self.policy.window_s] + [now]
+            if len(rec.failures) >= self.policy.max_failures:
+                wait = min(self.policy.max_lock_s, self.policy.lock_s * 2 ** rec.locks)
+                rec.locks, rec.failures, rec.locked_until = rec.locks + 1, [], now + wait
+                log.warning("login: %s %r locked for %.0f s after %d failed logins", self.what, key, wait,
+                            self.policy.max_failures)
+            if len(self._records) > 100_000:  # a flood of made-up names must not grow memory without end
+                self._records = {k: r for k, r in self._records.items() if r.locked_until > now}
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._records.pop(key, None)
+
+
+class LoginGuard:
+    def __init__(self, auth: AuthConfig, policy: LoginPolicy | None = None, clock: Callable[[], float] = time.monotonic):
+        import bcrypt
+
+        self.auth, self.policy = auth, policy or LoginPolicy()
+        self.users = Throttle(self.policy, "user", clock)
+        self.addresses = Throttle(self.policy, "address", clock)
+        self._limiter = anyio.CapacityLimiter(self.policy.hash_threads)
+        # A dummy hash at the cost the users' hashes have, so unknown names cost the same time.
+        cost = next((int(u.password_hash.split("$")[2]) for u in auth.users.values()
+                     if u.password_hash.count("$") >= 3 and u.password_hash.split("$")[2].isdigit()), 12)
+        self._dummy = bcrypt.hashpw(b"dermaloop-dummy", bcrypt.gensalt(cost)).decode()
+
+    def verify(self, username: str, password: str) -> bool:
+        """The bcrypt check itself (blocking; called in a worker thread)."""
+        import bcrypt
+
+        entry = self.auth.users.get(username)
+        hashed = entry.password_hash if entry is not None else self._dummy
+        try:
+            ok = bcrypt.checkpw(password.encode(), hashed.encode())
+        except ValueError:  # a malformed hash in the file: no login, never a crash
+            ok = False
+        return ok and entry is not None and bool(password)
+
+    async def check(self, username: str, password: str) -> bool:
+        """Gradio's auth callable (awaited on the event loop; the hashing is not)."""
+        name = (username or "").strip()
+        if self.users.locked(name):
+            log.warning("login: refused %r: locked after repeated failures", name)
+            return False
+        ok = await anyio.to_thread.run_sync(self.verify, name, password or "", limiter=self._limiter)
+        if ok:
+            self.users.succeeded(name)
+        else:
+            self.users.failed(name)
+        return ok
+
+    def middleware(self) -> Any:
+        """A Starlette middleware (for `app_kwargs`) that applies the per-address back-off to POST /login."""
+        from starlette.middleware import Middleware
+
+        return Middleware(_AddressThrottle, throttle=self.addresses)
+
+
+class _AddressThrottle:
+    """Pure ASGI: only POST .../login is looked at; everything else passes untouched (streams included)."""
+
+    def __init__(self, app: Any, throttle: Throttle):
+        self.app, self.throttle = app, throttle
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.throttle.locked(address)
+        if wait:
+            from starlette.responses import JSONResponse
+
+            response = JSONResponse({"detail": f"Too many failed logins; try again in {wait:.0f} s."}, status_code=429,
+                                    headers={"Retry-After": str(int(wait) + 1)})
+            await response(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status and status[0] == 200:
+            self.throttle.succeeded(address)
+        elif status and status[0] in (400, 401):
+            self.throttle.failed(address)

@@ -1,0 +1,140 @@
+"""Hostile and careless users (issue: login floods, oversized fields, strict API types, files)."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from demo.auth import AuthConfig, add_user
+from demo.security import LoginGuard, LoginPolicy, Throttle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeated_failures_lock_a_key_with_doubling_back_off():
+    clock = Clock()
+    throttle = Throttle(LoginPolicy(max_failures=3, lock_s=10, max_lock_s=25), "user", clock)
+    for _ in range(2):
+        throttle.failed("eve")
+    assert throttle.locked("eve") == 0
+    throttle.failed("eve")
+    assert throttle.locked("eve") == 10 and throttle.locked("cara") == 0
+    clock.now += 10
+    assert throttle.locked("eve") == 0
+    for _ in range(3):
+        throttle.failed("eve")
+    assert throttle.locked("eve") == 20  # the second lock doubles
+    clock.now += 20
+    for _ in range(3):
+        throttle.failed("eve")
+    assert throttle.locked("eve") == 25  # capped
+    throttle.succeeded("eve")
+    assert throttle.locked("eve") == 0
+
+
+def test_failures_outside_the_window_do_not_add_up():
+    clock = Clock()
+    throttle = Throttle(LoginPolicy(max_failures=3, window_s=60), "user", clock)
+    for _ in range(5):
+        throttle.failed("eve")
+        clock.now += 31  # never 3 within 60 s
+    assert throttle.locked("eve") == 0
+
+
+@pytest.fixture
+def users(tmp_path):
+    path = tmp_path / "users.yaml"
+    add_user(path, "eve", "expert", "eve-pw", rounds=4)
+    add_user(path, "cara", "clinician", "cara-pw", rounds=4)
+    return AuthConfig.from_file(path)
+
+
+def test_logins_hash_off_the_event_loop_and_unknown_names_cost_a_hash_too(users, monkeypatch):
+    import bcrypt
+
+    guard = LoginGuard(users)
+    threads, hashed = [], []
+    real = bcrypt.checkpw
+
+    def spy(password, hashed_pw):
+        threads.append(threading.current_thread())
+        hashed.append(hashed_pw)
+        return real(password, hashed_pw)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+
+    async def attempts():
+        loop_thread = threading.current_thread()
+        results = [await guard.check("eve", "eve-pw"), await guard.check("eve", "wrong"),
+                   await guard.check("mallory", "eve-pw")]
+        return loop_thread, results
+
+    loop_thread, results = asyncio.run(attempts())
+    assert results == [True, False, False]
+    assert len(threads) == 3 and loop_thread not in threads  # bcrypt never ran on the event loop
+    assert hashed[2].startswith(b"$2b$04$")  # the unknown name was checked against a dummy of the same cost
+
+
+def test_a_locked_user_is_refused_without_hashing(users, monkeypatch):
+    import bcrypt
+
+    guard = LoginGuard(users, LoginPolicy(max_failures=2, lock_s=60))
+
+    async def attempts():
+        return [await guard.check("eve", "no"), await guard.check("eve", "no"), await guard.check("eve", "eve-pw")]
+
+    calls = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda p, h: calls.append(1) or real(p, h))
+    assert asyncio.run(attempts()) == [False, False, False]  # even the right password waits out the lock
+    assert len(calls) == 2
+
+
+def test_a_login_flood_from_one_address_is_refused_and_the_app_keeps_answering(users, tiny_model_dir, tmp_path):
+    from test_api import App
+
+    app = App(tmp_path / "home", tiny_model_dir, auth=users)
+    try:
+        codes = []
+
+        def flood():
+            with httpx.Client(base_url=app.url, timeout=30) as c:
+                for _ in range(6):
+                    codes.append(c.post("login", data={"username": "eve", "password": "guess"}).status_code)
+
+        workers = [threading.Thread(target=flood) for _ in range(4)]
+        [w.start() for w in workers]
+        [w.join() for w in workers]
+        assert codes.count(400) >= 5 and 429 in codes, codes  # back-off: later tries never reach bcrypt
+        refused = httpx.post(app.url + "login", data={"username": "eve", "password": "eve-pw"})
+        assert refused.status_code == 429 and "try again" in refused.json()["detail"]
+        assert httpx.get(app.url + "config", timeout=10).status_code in (200, 401)  # the app still serves
+    finally:
+        app.close()
+
+
+def test_the_users_file_is_private_and_passwords_can_come_from_stdin(tmp_path):
+    path = tmp_path / "users.yaml"
+    out = subprocess.run([sys.executable, "-m", "demo.auth", "add", str(path), "eve", "expert", "--password-stdin"],
+                         input="s3cret\n", capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert LoginGuard(AuthConfig.from_file(path)).verify("eve", "s3cret")
+    empty = subprocess.run([sys.executable, "-m", "demo.auth", "add", str(path), "cara", "clinician", "--password-stdin"],
+                           input="", capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert empty.returncode == 2 and "empty" in empty.stderr and "cara" not in path.read_text()
