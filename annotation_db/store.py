@@ -46,6 +46,8 @@ from .models import (
 
 
 EXPERT_ROLES = (Role.expert, Role.admin)  # whose full ratings count as expert reviews
+MAX_CORRECTION_CHARS = 8000  # a corrected answer: several times the longest answer the model may give
+MAX_COMMENT_CHARS = 4000
 
 
 def get_or_create_user(s: Session, name: str, role: str | None = None) -> User:
@@ -275,9 +277,9 @@ def add_rating(
     except ValueError:
         raise InvalidInput(f"unknown rating kind {kind!r}; use 'full' or 'thumbs'") from None
     score = check_int(score, "score", lo=1, hi=5)
-    correction = check_text(correction, "correction", required=False)
+    correction = check_text(correction, "correction", required=False, max_len=MAX_CORRECTION_CHARS)
     diagnosis = check_text(diagnosis, "diagnosis label", required=False, max_len=200)
-    comment = check_text(comment, "comment", required=False, allow_blank=True)
+    comment = check_text(comment, "comment", required=False, allow_blank=True, max_len=MAX_COMMENT_CHARS)
     if isinstance(flags, str):
         flags = [flags]
     allowed = {f.value for f in Flag}

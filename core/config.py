@@ -46,6 +46,7 @@ class Settings:
     max_pixels: int = 40_000_000  # larger uploads are rejected (decompression bombs)
     max_upload_bytes: int = 50_000_000  # larger files are rejected before decoding
     max_question_chars: int = 4000  # longer questions are rejected
+    max_prompt_tokens: int = 8192  # a whole prompt (history, context, image tokens) longer than this is rejected
     max_new_tokens: int = 256  # generation defaults, see GenerationSettings
     do_sample: bool = False
     temperature: float = 0.7
@@ -102,7 +103,8 @@ class Settings:
             raise InputError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.image_splitting not in ("auto", "on", "off"):
             raise InputError(f"image_splitting must be auto, on or off, not {self.image_splitting!r}")
-        for name in ("max_images", "max_pixels", "max_new_tokens", "max_question_chars", "max_upload_bytes"):
+        for name in ("max_images", "max_pixels", "max_new_tokens", "max_question_chars", "max_upload_bytes",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1")
 

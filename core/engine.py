@@ -348,6 +348,10 @@ class Engine:
             kwargs["images"] = images
         inputs = self.processor(**kwargs)
         inputs.pop("token_type_ids", None)
+        n_tokens = inputs["input_ids"].shape[1]
+        if n_tokens > self.settings.max_prompt_tokens:
+            raise InputError(f"the conversation is {n_tokens} tokens long with its images; the limit is "
+                             f"{self.settings.max_prompt_tokens}: start a new case, or use fewer images")
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 

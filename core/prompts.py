@@ -15,6 +15,8 @@ from PIL import Image
 from core.errors import InputError
 
 MODALITIES = ("clinical", "dermoscopic", "histopathology")
+# Longest text per context field: generous for a clinician, small enough that no field can hold the model.
+FIELD_LIMITS = {"sex": 40, "body_site": 200, "duration": 200, "symptoms": 2000}
 FITZPATRICK = ("I", "II", "III", "IV", "V", "VI")
 
 SAFETY_INSTRUCTION = (
@@ -57,6 +59,10 @@ class ClinicalContext:
     modality: str | None = None  # clinical | dermoscopic | histopathology
 
     def __post_init__(self) -> None:
+        for name, limit in FIELD_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and len(value) > limit:
+                raise InputError(f"{name.replace('_', ' ')} is {len(value)} characters long; the limit is {limit}")
         if self.age is not None and not (0 <= self.age <= 130):
             raise InputError(f"age must be between 0 and 130, not {self.age}")
         if self.fitzpatrick is not None and self.fitzpatrick not in FITZPATRICK:

@@ -189,8 +189,9 @@ def build_demo(
             api_conv_out = gr.Number(label="conversation_id", precision=0)
             api_turn_out = gr.Number(label="turn_id", precision=0)
             api_version = gr.Textbox(label="model_version")
-            api_turn_in = gr.Number(label="turn_id", precision=0)
-            api_score = gr.Number(label="score", precision=0)
+            # No precision: Gradio would round 1.5 to 2 (another answer); parse_id/parse_score refuse it.
+            api_turn_in = gr.Number(label="turn_id")
+            api_score = gr.Number(label="score")
             api_correction = gr.Textbox(label="correction")
             api_diagnosis = gr.Textbox(label="diagnosis")
             api_comment = gr.Textbox(label="comment")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -72,7 +73,7 @@ def parse_score(score: Any) -> int:
         value = float(score)
     except (TypeError, ValueError):
         raise InputError(f"the score must be a number from 1 to 5, not {score!r}") from None
-    if value != int(value) or not 1 <= value <= 5:
+    if not math.isfinite(value) or value != int(value) or not 1 <= value <= 5:
         raise InputError(f"the score must be a whole number from 1 to 5, not {score!r}")
     return int(value)
 
@@ -84,7 +85,7 @@ def parse_id(value: Any, what: str) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise InputError(f"the {what} must be a number, not {value!r}") from None
-    if number != int(number) or number < 1:
+    if not math.isfinite(number) or number != int(number) or number < 1:
         raise InputError(f"the {what} must be a positive whole number, not {value!r}")
     return int(number)
 

@@ -138,3 +138,88 @@ def test_the_users_file_is_private_and_passwords_can_come_from_stdin(tmp_path):
     empty = subprocess.run([sys.executable, "-m", "demo.auth", "add", str(path), "cara", "clinician", "--password-stdin"],
                            input="", capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert empty.returncode == 2 and "empty" in empty.stderr and "cara" not in path.read_text()
+
+
+# ------------------------------------------------------------------------------ sizes and types at the edge
+
+
+@pytest.fixture
+def api_app(tiny_model_dir, tmp_path):
+    from test_api import App
+
+    app = App(tmp_path / "home", tiny_model_dir)
+    yield app
+    app.close()
+
+
+def counts(app) -> tuple[int, int]:
+    from annotation_db.export import frames
+
+    with app.store.session() as s:
+        f = frames(s)
+    return len(f["turns"]), len(f["ratings"])
+
+
+def test_oversized_context_fields_and_ratings_are_refused_with_a_message(api_app, tmp_path):
+    import json
+
+    from conftest import draw_lesion
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    draw_lesion().save(tmp_path / "a.png")
+    client = Client(api_app.url, verbose=False)
+    for field, size in (("body_site", 201), ("symptoms", 2001), ("duration", 128_000), ("sex", 2_000_000)):
+        with pytest.raises(AppError, match=f"{field.replace('_', ' ')} is {size} characters long; the limit is"):
+            client.predict([handle_file(str(tmp_path / "a.png"))], "What is it?", json.dumps({field: "x" * size}), "",
+                           api_name="/ask")
+    assert counts(api_app) == (0, 0)
+    _, _, turn_id, _ = client.predict([handle_file(str(tmp_path / "a.png"))], "What is it?", "", "", api_name="/ask")
+    for kwargs, match in (({"correction": "x" * 8001}, "correction is 8001 characters long"),
+                          ({"comment": "y" * 5_000_000}, "comment is 5000000 characters long")):
+        args = [turn_id, 3, kwargs.get("correction", ""), "", kwargs.get("comment", "")]
+        with pytest.raises(AppError, match=match):
+            client.predict(*args, api_name="/rate")
+    assert counts(api_app) == (1, 0)
+
+
+@pytest.mark.parametrize("turn_id, score, match", [
+    (1.5, 3, "turn id must be a positive whole number"),
+    (1, 2.5, "score must be a whole number from 1 to 5"),
+    (-1, 3, "turn id must be a positive whole number"),
+])
+def test_rate_takes_whole_numbers_only(api_app, tmp_path, turn_id, score, match):
+    from conftest import draw_lesion
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    draw_lesion().save(tmp_path / "a.png")
+    client = Client(api_app.url, verbose=False)
+    for question in ("First?", "Second?"):  # turns 1 and 2: a rounded 1.5 would land on someone's turn 2
+        client.predict([handle_file(str(tmp_path / "a.png"))], question, "", "", api_name="/ask")
+    with pytest.raises(AppError, match=match):
+        client.predict(turn_id, score, "", "", "", api_name="/rate")
+    assert counts(api_app) == (2, 0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1e999", "2.5", True and "x"])
+def test_malformed_numbers_are_one_line_messages(value):
+    from core.errors import InputError
+    from demo.common import parse_id, parse_score
+
+    for parse in (parse_score, lambda v: parse_id(v, "turn id")):
+        with pytest.raises(InputError) as e:
+            parse(value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_prompt_over_the_token_budget_is_refused_before_generation(tiny_model_dir):
+    from core.config import Settings
+    from core.engine import Engine
+    from core.errors import InputError
+    from core.models import load_model
+
+    engine = Engine(load_model(tiny_model_dir), Settings.from_env(max_prompt_tokens=300, max_new_tokens=4))
+    with pytest.raises(InputError, match="tokens long with its images; the limit is 300"):
+        engine.answer([], "word " * 400)
+    assert engine.answer([], "Hi?").status == "complete"
