@@ -8,8 +8,10 @@ caught, so a bug still shows as a bug.
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -60,6 +62,25 @@ def user_errors() -> Iterator[None]:
         yield
     except (DermaLoopError, StoreError, Denied) as e:
         raise gr.Error(str(e), print_exception=False) from None
+
+
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+_URL = re.compile(r"(https?://[^\s'\"<>&]+)")
+
+
+def plain(text: str | None) -> str:
+    """A person's text shown in Markdown as typed: no formatting, images or HTML take effect (a
+    `![x](http://host/pixel.png)` in a question must not make the expert's browser fetch it).
+    Bare URLs are left unescaped: the renderer links them as typed (a link loads nothing by itself),
+    and a backslash inside one would show."""
+    parts = _URL.split(html.escape(text or "", quote=False))
+    return "".join(p if i % 2 else _MARKDOWN_ACTIVE.sub(r"\\\1", p) for i, p in enumerate(parts))
+
+
+def model_markdown(text: str | None) -> str:
+    """A model's answer as Markdown: lists and emphasis render, but no image loads and no HTML runs
+    (an answer can echo what a question smuggled in)."""
+    return html.escape(text or "", quote=False).replace("![", "!\\[")
 
 
 def ensure_user(s, who: Identity):

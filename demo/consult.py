@@ -19,7 +19,7 @@ from core.errors import InputError
 from core.images import StoredImage, intake_many, load_stored
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
-from demo.common import Ctx, ensure_user, parse_id, parse_score, save_rating, user_errors
+from demo.common import Ctx, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -168,7 +168,7 @@ class Consult:
                                           history=history, template=template, generation=self.ctx.settings.generation())
         key = getattr(request, "session_hash", None) or "direct"
         self._running[key] = gen
-        shown = question if not images else f"{question}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
+        shown = plain(question) if not images else f"{plain(question)}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
         messages = case.messages + [{"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
         text, error, closed = "", None, False
         chunks = iter(gen)
@@ -176,7 +176,7 @@ class Consult:
             yield messages, case, gr.update(), gr.update(), gr.update(value="Answering…")
             for chunk in chunks:
                 text += chunk
-                messages[-1] = {"role": "assistant", "content": text + " ▌"}
+                messages[-1] = {"role": "assistant", "content": model_markdown(text) + " ▌"}
                 yield messages, case, gr.update(), gr.update(), gr.update()
         except Exception as e:  # the model failed mid-answer: record what there is, say so
             log.exception("generation failed")
@@ -209,7 +209,7 @@ class Consult:
         case.context = context.to_dict()
         case.turns.append(PastTurn(question, answer.text, [i.sha256 for i in images], template))
         case.image_hashes += [i.sha256 for i in images]
-        messages[-1] = {"role": "assistant", "content": (answer.text or "_(no answer)_") + footer(rec.version, answer.latency_s, rec.status)}
+        messages[-1] = {"role": "assistant", "content": (model_markdown(answer.text) or "_(no answer)_") + footer(rec.version, answer.latency_s, rec.status)}
         case.turn_ids[len(messages) - 1] = rec.turn_id
         case.messages = messages
         case.last_turn_id, case.last_answer = rec.turn_id, answer.text

@@ -16,7 +16,7 @@ from annotation_db import store as st
 from core.images import ImageError, load_stored
 from core.prompts import ClinicalContext
 from demo.auth import Identity
-from demo.common import Ctx, ensure_user, save_rating, user_errors
+from demo.common import Ctx, ensure_user, model_markdown, plain, save_rating, user_errors
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -35,7 +35,7 @@ def describe_context(context: dict) -> str:
     if not context:
         return "_No clinical context given._"
     ctx = ClinicalContext.from_dict(context).to_dict()
-    return "\n".join(f"- **{CONTEXT_LABELS.get(k, k)}:** {v}" for k, v in ctx.items())
+    return "\n".join(f"- **{CONTEXT_LABELS.get(k, k)}:** {plain(str(v))}" for k, v in ctx.items())
 
 
 class Review:
@@ -72,8 +72,8 @@ class Review:
                 if missing else "")
         version = "_Model version hidden (blind review)._" if blind else f"Model version: **{item.model_version or 'unknown'}**"
         return (
-            state, counter, images, describe_context(item.context), f"**Question (answer #{item.turn_id}):** {item.question}{note}",
-            item.answer or "_(empty answer)_", version, None, item.answer, "", [], "", status,
+            state, counter, images, describe_context(item.context), f"**Question (answer #{item.turn_id}):** {plain(item.question)}{note}",
+            model_markdown(item.answer) or "_(empty answer)_", version, None, item.answer, "", [], "", status,
         )
 
     def open(self, state: ReviewState, blind: bool, request: gr.Request) -> tuple:

@@ -175,3 +175,42 @@ def app_turns(app: App):
 
 def app_answer(app: App) -> str:
     return app_turns(app)["answer"].iloc[-1]
+
+
+def test_markdown_from_users_and_answers_loads_nothing_remote(browser, tiny_model_dir, tmp_path):
+    """A question, context or answer with Markdown/HTML images: shown as text in Consult and Review, and
+    the browser never requests them (a tracking pixel would leak when and what an expert reviews)."""
+    import json
+
+    from gradio_client import Client, handle_file
+
+    users = tmp_path / "users.yaml"
+    for name, role in (("eve", "expert"), ("cara", "clinician")):
+        add_user(users, name, role, f"{name}-password", rounds=4)
+    app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users), max_new_tokens=8)
+    pixel = "http://192.0.2.7/pixel.png"
+    question = f"Is it bad? ![x]({pixel}?leak=question) <img src='{pixel}?leak=html'>"
+    try:
+        cara_api = Client(app.url, auth=("cara", "cara-password"), verbose=False)
+        cara_api.predict([handle_file(str(EXAMPLE))], question, json.dumps({"symptoms": f"![y]({pixel}?leak=context)"}),
+                         "", api_name="/ask")
+        seen: list[str] = []
+        cara = sign_in(browser, app, "cara")
+        cara.context.on("request", lambda r: seen.append(r.url))
+        upload(cara, EXAMPLE)
+        cara.fill("#dl-question textarea", question)
+        cara.click("#dl-ask")
+        cara.wait_for_selector("#dl-chat >> text=model v1")
+        assert f"![x]({pixel}?leak=question)" in cara.inner_text("#dl-chat")  # shown as typed
+
+        eve = sign_in(browser, app, "eve")
+        eve.context.on("request", lambda r: seen.append(r.url))
+        open_tab(eve, "Review")
+        eve.wait_for_selector("#review-question >> text=pixel.png")
+        assert f"<img src='{pixel}?leak=html'>" in eve.inner_text("#review-question")
+        assert "leak=context" in eve.inner_text("#review-context")
+        eve.wait_for_timeout(1000)  # give any image a chance to start loading
+        assert not [u for u in seen if "192.0.2.7" in u], seen
+    finally:
+        PAGES.clear()
+        app.close()

@@ -223,3 +223,18 @@ def test_a_prompt_over_the_token_budget_is_refused_before_generation(tiny_model_
     with pytest.raises(InputError, match="tokens long with its images; the limit is 300"):
         engine.answer([], "word " * 400)
     assert engine.answer([], "Hi?").status == "complete"
+
+
+@pytest.mark.parametrize("text", [
+    "![x](http://192.0.2.7/p.png)", "<img src=http://192.0.2.7/p.png>", "[![a](http://192.0.2.7/p.png)](http://x)",
+    "<script>alert(1)</script>", "![x][r]\n\n[r]: http://192.0.2.7/p.png",
+])
+def test_user_text_and_answers_carry_no_markdown_image_or_html(text):
+    from markdown_it import MarkdownIt
+
+    from demo.common import model_markdown, plain
+
+    md = MarkdownIt("commonmark", {"html": True, "linkify": False})
+    for shown in (plain(text), model_markdown(text)):
+        rendered = md.render(shown)
+        assert "<img" not in rendered and "<script" not in rendered, (shown, rendered)
