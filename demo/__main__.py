@@ -115,6 +115,9 @@ def create(argv: list[str] | None = None):
 
     try:  # what a person can get wrong is checked before the slow imports
         settings = settings_from_args(args)
+        from demo.security import prepare_upload_folder
+
+        prepare_upload_folder(settings.home)
         auth = auth_from_env(args.auth_file, settings.local_user)
         check_anonymous(args, auth.mode, space.on_space)
         need = args.review_need or int(os.environ.get("DERMALOOP_REVIEW_NEED") or 2)

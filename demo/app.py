@@ -71,7 +71,8 @@ def build_demo(
     consult, review, insights = Consult(ctx), Review(ctx), Insights(ctx)
     private: dict[str, Any] = {"api_visibility": "private"}
 
-    with gr.Blocks(title="DermaLoop") as demo:
+    # Gradio deletes this app's cached files (upload copies, exports) older than 6 h, checking hourly.
+    with gr.Blocks(title="DermaLoop", delete_cache=(3600, 6 * 3600)) as demo:
         # -- header: on every page ---------------------------------------------------
         with gr.Row(equal_height=True):
             gr.Markdown("# DermaLoop\nHuman-in-the-loop dermatology assistant: clinicians ask, experts correct, "
@@ -205,6 +206,7 @@ def build_demo(
               inputs=[case, files, question, *context_fields, template],
               outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **private)
         stop_btn.click(consult.stop, None, None, queue=False, **private)
+        files.upload(consult.clean_uploads, [files], [files], queue=False, **private)
         new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **private)
         chatbot.like(consult.like, [case], [rate_status], **private)
         rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],

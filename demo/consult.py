@@ -6,17 +6,20 @@ its input before anything is stored; every turn is recorded with its images
 (content hashes), context, answer, model version, settings and latency.
 """
 
+import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
 from annotation_db import store as st
 from annotation_db.errors import NotFound
-from core.errors import InputError
-from core.images import StoredImage, intake_many, load_stored
+from core.errors import DermaLoopError, InputError
+from core.images import StoredImage, intake_many, load_stored, normalise
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
 from demo.common import Ctx, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
@@ -80,6 +83,25 @@ def context_from_json(text: str | None) -> ClinicalContext:
     return ClinicalContext.from_dict(data)
 
 
+def upload_folder() -> str:
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
+
+
+def remove_upload(path: Any) -> None:
+    """Delete an original upload (and the folder Gradio made for it) if it lies in the upload folder
+    and is not one of our cleaned copies."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    root, p = Path(upload_folder()).resolve(), Path(path).resolve()
+    if root not in p.parents or p.parent.name == "dermaloop-clean":
+        return
+    p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        p.parent.rmdir()  # only when empty
+
+
 def file_paths(files: Any) -> list[Any]:
     """gr.File values (paths, dicts or FileData) as what core's intake accepts."""
     if files is None:
@@ -103,6 +125,34 @@ class Consult:
         self._running: dict[str, Any] = {}  # session -> the Generation streaming for it (for Stop)
 
     # -- shared by the page and the API ------------------------------------------
+    def clean_uploads(self, files: Any) -> list[str] | None:
+        """On upload: each file is replaced at once by its normalised pixels (no EXIF, GPS or other
+        metadata) under a neutral name (`<sha256>.png` in Gradio's upload folder), and the original,
+        kept by Gradio under the name it had on the clinician's disk, is deleted."""
+        paths = file_paths(files)
+        s = self.ctx.settings
+        try:
+            if len(paths) > s.max_images:
+                raise InputError(f"{len(paths)} images given; at most {s.max_images} per question")
+            clean_dir = Path(upload_folder()) / "dermaloop-clean"
+            clean_dir.mkdir(parents=True, exist_ok=True)
+            out = []
+            for path in paths:
+                image, sha = normalise(path, max_pixels=s.max_pixels, max_bytes=s.max_upload_bytes)
+                target = clean_dir / f"{sha}.png"
+                if not target.exists():
+                    tmp = clean_dir / f".{sha}.{os.getpid()}.tmp"
+                    image.save(tmp, format="PNG")
+                    os.replace(tmp, target)
+                out.append(str(target))
+            return out
+        except (DermaLoopError, OSError) as e:
+            gr.Warning(str(e) if isinstance(e, DermaLoopError) else f"the upload could not be read ({e})")
+            return None
+        finally:
+            for path in paths:
+                remove_upload(path)
+
     def _intake(self, files: Any) -> list[StoredImage]:
         s = self.ctx.settings
         return intake_many(file_paths(files), s.images_dir, max_images=s.max_images, max_pixels=s.max_pixels,
@@ -262,7 +312,16 @@ class Consult:
     # -- the named API -------------------------------------------------------------
     def api_ask(self, images: Any, question: str, context: str, conversation_id: Any,
                 request: gr.Request) -> tuple[str, int, int, str]:
-        """/ask: (images, question, context JSON, conversation id or empty) -> (answer, conversation id, turn id, version)."""
+        """/ask: (images, question, context JSON, conversation id or empty) -> (answer, conversation id, turn id, version).
+        The uploads, kept by Gradio under their original names, are deleted once the call is over."""
+        try:
+            return self._api_ask(images, question, context, conversation_id, request)
+        finally:
+            for path in file_paths(images):
+                remove_upload(path)
+
+    def _api_ask(self, images: Any, question: str, context: str, conversation_id: Any,
+                 request: gr.Request) -> tuple[str, int, int, str]:
         with user_errors():
             who = self.ctx.auth.identify(request)
             question = check_question(question, self.ctx.settings.max_question_chars)

@@ -17,9 +17,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import anyio
@@ -153,3 +156,17 @@ class _AddressThrottle:
             self.throttle.succeeded(address)
         elif status and status[0] in (400, 401):
             self.throttle.failed(address)
+
+
+def prepare_upload_folder(home: Path, environ: dict | None = None) -> Path:
+    """Gradio's upload folder: `<home>/uploads` unless GRADIO_TEMP_DIR names another, emptied at start
+    when it is ours (what a killed app left behind). Uploads are replaced by clean copies at once
+    (`Consult.clean_uploads`) and Gradio deletes what is older than a few hours (`delete_cache`)."""
+    env = os.environ if environ is None else environ
+    if env.get("GRADIO_TEMP_DIR"):
+        return Path(env["GRADIO_TEMP_DIR"])
+    folder = (Path(home) / "uploads").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    env["GRADIO_TEMP_DIR"] = str(folder)
+    return folder

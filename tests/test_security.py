@@ -238,3 +238,86 @@ def test_user_text_and_answers_carry_no_markdown_image_or_html(text):
     for shown in (plain(text), model_markdown(text)):
         rendered = md.render(shown)
         assert "<img" not in rendered and "<script" not in rendered, (shown, rendered)
+
+
+# ------------------------------------------------------------------------------ uploads
+
+
+def patient_photo(path: Path) -> Path:
+    """A JPEG named like a patient, with GPS and a description in its EXIF."""
+    from conftest import draw_lesion
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010E] = "Jane Doe, MRN 12345, left shoulder"  # ImageDescription
+    exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0)}  # GPS
+    draw_lesion().save(path, format="JPEG", exif=exif)
+    return path
+
+
+def names_under(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.is_file()]
+
+
+def test_api_uploads_leave_no_original_name_or_metadata_behind(tiny_model_dir, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    from test_api import App
+
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    photo = patient_photo(tmp_path / "Jane Doe MRN12345.jpg")
+    app = App(tmp_path / "home", tiny_model_dir)
+    try:
+        Client(app.url, verbose=False).predict([handle_file(str(photo))], "What is it?", "", "", api_name="/ask")
+        assert not [n for n in names_under(uploads) if "Jane" in n], names_under(uploads)
+        stored = names_under(tmp_path / "home" / "images")
+        assert len(stored) == 1 and "Jane" not in stored[0]
+    finally:
+        app.close()
+
+
+def test_a_page_upload_is_replaced_at_once_by_clean_pixels_under_a_neutral_name(tiny_engine, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from PIL import Image
+
+    from annotation_db.db import Store
+    from core.config import Settings
+    from demo.common import Ctx
+    from demo.consult import Consult
+    from demo.runtime import DemoOptions, attach
+
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    (uploads / "abc123").mkdir(parents=True)
+    original = patient_photo(uploads / "abc123" / "Jane Doe MRN12345.jpg")
+    settings = Settings.from_env(home=tmp_path / "home", model=str(tiny_model_dir))
+    store = Store.open(settings.db_url)
+    try:
+        consult = Consult(Ctx(attach(settings, tiny_engine, store, DemoOptions()), AuthConfig.local(), DemoOptions()))
+        [clean] = consult.clean_uploads([str(original)])
+        assert not original.exists() and not original.parent.exists()
+        assert Path(clean).parent == uploads / "dermaloop-clean" and "Jane" not in clean
+        with Image.open(clean) as img:
+            assert not img.getexif() and not img.info.get("exif")
+        (uploads / "def456").mkdir()
+        (uploads / "def456" / "John Roe.png").write_bytes(b"not an image")
+        assert consult.clean_uploads([str(uploads / "def456" / "John Roe.png")]) is None  # a warning, nothing kept
+        assert not (uploads / "def456").exists()
+    finally:
+        store.dispose()
+
+
+def test_our_upload_folder_is_emptied_at_start_and_a_deployers_is_left_alone(tmp_path):
+    from demo.security import prepare_upload_folder
+
+    env: dict = {}
+    folder = prepare_upload_folder(tmp_path / "home", env)
+    (folder / "x").mkdir()
+    (folder / "x" / "Jane Doe.jpg").write_bytes(b"left by a killed app")
+    assert prepare_upload_folder(tmp_path / "home", {}) == folder and names_under(folder) == []
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("x")
+    assert prepare_upload_folder(tmp_path / "home", {"GRADIO_TEMP_DIR": str(theirs)}) == theirs
+    assert names_under(theirs) == ["keep.txt"]
