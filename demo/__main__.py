@@ -135,6 +135,9 @@ def create(argv: list[str] | None = None):
     from demo.app import build_demo, launch_kwargs
 
     demo = build_demo(runtime.settings, auth=auth, options=options, runtime=runtime)
+    from demo.security import start_upload_sweeper
+
+    start_upload_sweeper(demo.upload_file_set)
     kwargs = launch_kwargs(demo, server_name=args.host, server_port=args.port, share=args.share or None)
     return demo, kwargs
 

@@ -83,6 +83,15 @@ def model_markdown(text: str | None) -> str:
     return html.escape(text or "", quote=False).replace("![", "!\\[")
 
 
+def bind(state: Any, who: Identity) -> None:
+    """A page's state (a Case, a ReviewState) belongs to the user who first acted on it: an event sent
+    with another user's session id (it travels in URLs) is refused, never served from their state."""
+    if state.owner is None:
+        state.owner = who.name
+    elif state.owner != who.name:
+        raise Denied("this page belongs to another signed-in user: reload the page")
+
+
 def ensure_user(s, who: Identity):
     return st.get_or_create_user(s, who.name, who.role)
 

@@ -22,7 +22,7 @@ from core.errors import DermaLoopError, InputError
 from core.images import StoredImage, intake_many, load_stored, normalise
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
-from demo.common import Ctx, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
+from demo.common import Ctx, bind, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -47,6 +47,7 @@ class Case:
     turn_ids: dict[int, int] = field(default_factory=dict)  # chat message index -> turn id
     last_turn_id: int | None = None
     last_answer: str = ""
+    owner: str | None = None  # the signed-in user this page belongs to (demo.common.bind)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def file_paths(files: Any) -> list[Any]:
 class Consult:
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
-        self._running: dict[str, Any] = {}  # session -> the Generation streaming for it (for Stop)
+        self._running: dict[tuple[str, str], Any] = {}  # (user, session) -> the Generation streaming (for Stop)
 
     # -- shared by the page and the API ------------------------------------------
     def clean_uploads(self, files: Any) -> list[str] | None:
@@ -201,6 +202,7 @@ class Consult:
         """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status)."""
         with user_errors():
             who = self.ctx.auth.identify(request)
+            bind(case, who)
             question = check_question(question, self.ctx.settings.max_question_chars)
             template = template or "free"
             if template not in TEMPLATES:
@@ -216,7 +218,7 @@ class Consult:
             self.ctx.runtime.sync()
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if case.turns else context,
                                           history=history, template=template, generation=self.ctx.settings.generation())
-        key = getattr(request, "session_hash", None) or "direct"
+        key = self._key(who, request)
         self._running[key] = gen
         shown = plain(question) if not images else f"{plain(question)}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
         messages = case.messages + [{"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
@@ -268,8 +270,17 @@ class Consult:
         status = f"Answer #{rec.turn_id} from model **{rec.version}**" + (" (stopped)" if rec.status == "stopped" else "") + ": rate it below."
         yield messages, case, gr.update(value=""), gr.update(value=answer.text), gr.update(value=status)
 
+    @staticmethod
+    def _key(who: Identity, request: Any) -> tuple[str, str]:
+        """A running answer belongs to a session and its user: another user's session id stops nothing."""
+        return who.name, getattr(request, "session_hash", None) or "direct"
+
     def stop(self, request: gr.Request) -> None:
-        gen = self._running.get(getattr(request, "session_hash", None) or "direct")
+        try:
+            who = self.ctx.auth.identify(request)
+        except Denied:
+            return
+        gen = self._running.get(self._key(who, request))
         if gen is not None:
             gen.stop()
 
@@ -281,6 +292,7 @@ class Consult:
         """Thumbs up/down on an answer in the chat: a quick rating from anyone."""
         with user_errors():
             who = self.ctx.auth.identify(request)
+            bind(case, who)
             index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
             turn_id = case.turn_ids.get(int(index))
             if turn_id is None:
@@ -302,6 +314,7 @@ class Consult:
         """An expert's full rating of the latest answer; the rater is the signed-in user."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
+            bind(case, who)
             if case.last_turn_id is None:
                 raise InputError("ask a question first: there is no answer to rate yet")
             saved = save_rating(self.ctx, who, case.last_turn_id, score, correction=correction,
@@ -313,15 +326,9 @@ class Consult:
     def api_ask(self, images: Any, question: str, context: str, conversation_id: Any,
                 request: gr.Request) -> tuple[str, int, int, str]:
         """/ask: (images, question, context JSON, conversation id or empty) -> (answer, conversation id, turn id, version).
-        The uploads, kept by Gradio under their original names, are deleted once the call is over."""
-        try:
-            return self._api_ask(images, question, context, conversation_id, request)
-        finally:
-            for path in file_paths(images):
-                remove_upload(path)
-
-    def _api_ask(self, images: Any, question: str, context: str, conversation_id: Any,
-                 request: gr.Request) -> tuple[str, int, int, str]:
+        Gradio keeps the uploads under their original names, in a folder named by their content that
+        concurrent calls with the same file share, so they are not deleted here but swept after
+        `UPLOAD_MAX_AGE_S` (`demo.security.sweep_uploads`)."""
         with user_errors():
             who = self.ctx.auth.identify(request)
             question = check_question(question, self.ctx.settings.max_question_chars)

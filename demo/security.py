@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -158,10 +159,52 @@ class _AddressThrottle:
             self.throttle.failed(address)
 
 
+UPLOAD_MAX_AGE_S = 600.0  # an API upload waits at most this long in the queue before it is swept
+
+
+def sweep_uploads(uploaded: set[str], max_age_s: float = UPLOAD_MAX_AGE_S, now: float | None = None) -> int:
+    """Delete the original uploads (Gradio's `Blocks.upload_file_set`: what its upload route wrote, not
+    the example files it caches beside them) older than `max_age_s`; returns how many."""
+    now = time.time() if now is None else now
+    removed = 0
+    for name in list(uploaded):
+        path = Path(name)
+        try:
+            if now - path.stat().st_mtime <= max_age_s:
+                continue
+            path.unlink()
+            removed += 1
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # Gradio's folder for it, when empty
+        except FileNotFoundError:
+            pass
+        uploaded.discard(name)
+    return removed
+
+
+def start_upload_sweeper(uploaded: set[str], every_s: float = 60.0) -> threading.Thread:
+    """Sweep old uploads every `every_s` seconds, for the life of the process."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                n = sweep_uploads(uploaded)
+                if n:
+                    log.info("uploads: swept %d original file(s)", n)
+            except OSError as e:
+                log.warning("uploads: sweep failed: %s", e)
+
+    thread = threading.Thread(target=loop, name="dermaloop-upload-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
 def prepare_upload_folder(home: Path, environ: dict | None = None) -> Path:
     """Gradio's upload folder: `<home>/uploads` unless GRADIO_TEMP_DIR names another, emptied at start
     when it is ours (what a killed app left behind). Uploads are replaced by clean copies at once
-    (`Consult.clean_uploads`) and Gradio deletes what is older than a few hours (`delete_cache`)."""
+    (`Consult.clean_uploads`), API uploads are swept after 10 minutes (`sweep_uploads`), and Gradio
+    deletes what is older than a few hours (`delete_cache`)."""
     env = os.environ if environ is None else environ
     if env.get("GRADIO_TEMP_DIR"):
         return Path(env["GRADIO_TEMP_DIR"])

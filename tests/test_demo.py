@@ -166,6 +166,7 @@ def test_thumbs_from_anyone_and_full_ratings_only_from_raters(ctx, tmp_path, sto
         consult.rate(case, 4, "a better answer", "", [], "", req("cara"))
     assert counts(store)["ratings"] == 1
     # An expert's rating: the rater is the signed-in user; an unchanged pre-filled correction is no correction.
+    case.owner = "eve"  # one page shared between users here; the app binds a page to one (test_security)
     msg = consult.rate(case, 4, case.last_answer, "nevus", ["incomplete"], "ok", req("eve"))
     assert "saved" in msg and "correction" not in msg
     msg = consult.rate(case, 2, "Benign naevus; reassure.", "", [], "", req("eve"))
@@ -323,7 +324,9 @@ def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
     consult = Consult(ctx)
     case = Case()
     ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?", who="cara")
+    case.owner = "eve"  # one page shared between users here; the app binds a page to one (test_security)
     consult.rate(case, 2, "Better.", "eczema", ["hallucination"], "", req("eve"))
+    case.owner = "max"
     consult.rate(case, 4, "", "eczema", [], "", req("max"))
     insights = Insights(ctx)
     d = insights.data()

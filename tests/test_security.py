@@ -7,13 +7,14 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from demo.auth import AuthConfig, add_user
-from demo.security import LoginGuard, LoginPolicy, Throttle
+from demo.security import UPLOAD_MAX_AGE_S, LoginGuard, LoginPolicy, Throttle, sweep_uploads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,7 @@ def users(tmp_path):
     path = tmp_path / "users.yaml"
     add_user(path, "eve", "expert", "eve-pw", rounds=4)
     add_user(path, "cara", "clinician", "cara-pw", rounds=4)
+    add_user(path, "max", "expert", "max-pw", rounds=4)
     return AuthConfig.from_file(path)
 
 
@@ -259,7 +261,7 @@ def names_under(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.is_file()]
 
 
-def test_api_uploads_leave_no_original_name_or_metadata_behind(tiny_model_dir, tmp_path, monkeypatch):
+def test_api_uploads_are_swept_and_stored_without_their_names(tiny_model_dir, tmp_path, monkeypatch):
     from gradio_client import Client, handle_file
 
     from test_api import App
@@ -270,6 +272,12 @@ def test_api_uploads_leave_no_original_name_or_metadata_behind(tiny_model_dir, t
     app = App(tmp_path / "home", tiny_model_dir)
     try:
         Client(app.url, verbose=False).predict([handle_file(str(photo))], "What is it?", "", "", api_name="/ask")
+        # Gradio's copy waits for the sweeper (a queued call with the same file may still need it).
+        young = sweep_uploads(app.demo.upload_file_set)
+        assert young == 0 and [n for n in names_under(uploads) if "Jane" in n]
+        cached_examples = [p for p in uploads.rglob("*.png") if "dermaloop-clean" not in str(p)]
+        assert sweep_uploads(app.demo.upload_file_set, now=time.time() + UPLOAD_MAX_AGE_S + 1) == 1
+        assert all(p.exists() for p in cached_examples)  # Gradio's own cache is not ours to sweep
         assert not [n for n in names_under(uploads) if "Jane" in n], names_under(uploads)
         stored = names_under(tmp_path / "home" / "images")
         assert len(stored) == 1 and "Jane" not in stored[0]
@@ -321,3 +329,45 @@ def test_our_upload_folder_is_emptied_at_start_and_a_deployers_is_left_alone(tmp
     (theirs / "keep.txt").write_text("x")
     assert prepare_upload_folder(tmp_path / "home", {"GRADIO_TEMP_DIR": str(theirs)}) == theirs
     assert names_under(theirs) == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------ sessions belong to users
+
+
+def test_another_users_session_id_reaches_nothing_of_theirs(tiny_engine, tiny_model_dir, tmp_path, users):
+    import gradio as gr
+
+    from annotation_db.db import Store
+    from core.config import Settings
+    from demo.common import Ctx
+    from demo.consult import Case, Consult
+    from demo.review import Review, ReviewState
+    from demo.runtime import DemoOptions, attach
+    from test_demo import ask, counts, req, save_png
+
+    settings = Settings.from_env(home=tmp_path / "home", model=str(tiny_model_dir), max_new_tokens=8)
+    store = Store.open(settings.db_url)
+    try:
+        ctx = Ctx(attach(settings, tiny_engine, store, DemoOptions()), users, DemoOptions())
+        consult, case = Consult(ctx), Case()
+        ask(consult, case, [save_png(tmp_path / "a.png")], "What is it?", who="cara", session="cara-tab")
+        # eve replays cara's session id: her page state (the conversation) is refused to eve
+        with pytest.raises(gr.Error, match="belongs to another signed-in user"):
+            ask(consult, case, [], "And the history?", who="eve", session="cara-tab")
+        with pytest.raises(gr.Error, match="belongs to another signed-in user"):
+            consult.rate(case, 4, "", "", [], "", req("eve", "cara-tab"))
+        assert counts(store) == {"turns": 1, "ratings": 0}
+        # Stop from eve with cara's session id does not reach cara's running answer.
+        running = type("G", (), {"stopped": False, "stop": lambda self: setattr(self, "stopped", True)})()
+        consult._running[consult._key(users.identify(req("cara")), req("cara", "cara-tab"))] = running
+        consult.stop(req("eve", "cara-tab"))
+        assert not running.stopped
+        consult.stop(req("cara", "cara-tab"))
+        assert running.stopped
+        # A review page belongs to its expert too.
+        review, state = Review(ctx), ReviewState()
+        review.load(state, False, req("eve", "eve-tab"))
+        with pytest.raises(gr.Error, match="belongs to another signed-in user"):
+            review.save(state, False, 5, "", "", [], "", req("max", "eve-tab"))
+    finally:
+        store.dispose()
