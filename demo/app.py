@@ -265,12 +265,17 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
         "footer_links": ["api", "settings"],
         "run_history": False,  # never keep clinical questions in the browser
     }
-    if ctx.auth.mode == "password":
-        from demo.security import LoginGuard
+    from starlette.middleware import Middleware
 
+    from demo.security import HealthEndpoint, LoginGuard, keep_queue_alive_on_evicted_sessions
+
+    keep_queue_alive_on_evicted_sessions()
+    middleware = [Middleware(HealthEndpoint, blocks=demo)]
+    if ctx.auth.mode == "password":
         guard = LoginGuard(ctx.auth)
         kwargs["auth"] = guard.check
-        kwargs["app_kwargs"] = {"middleware": [guard.middleware()]}
         kwargs["auth_message"] = "DermaLoop: research use only. Sign in with the account your administrator gave you."
+        middleware.append(guard.middleware())
+    kwargs["app_kwargs"] = {"middleware": middleware}
     kwargs.update(overrides)
     return kwargs

@@ -213,3 +213,49 @@ def prepare_upload_folder(home: Path, environ: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     env["GRADIO_TEMP_DIR"] = str(folder)
     return folder
+
+
+# -- Gradio's queue: survive a flood of session ids, and say how it is ---------------------------------
+
+
+def keep_queue_alive_on_evicted_sessions() -> None:
+    """Work around a Gradio 6 bug: the queue keeps the message queues of the last 2,000 sessions
+    (an LRU); an event still queued when its session is evicted makes `send_message` raise KeyError
+    inside the processing loop, which then stops the queue for good ("Queue is stopped", 503 on every
+    call). A client flooding new session ids triggers it. Here a message for an evicted session is
+    dropped (that client is gone from the queue's view anyway) and logged. Reproduced by
+    tests/test_security.py::test_a_flood_of_session_ids_does_not_stop_the_queue (fails without this)."""
+    from gradio.queueing import Queue
+
+    if getattr(Queue.send_message, "_dermaloop", False):
+        return
+    original = Queue.send_message
+
+    def send_message(self: Any, event: Any, event_message: Any) -> None:
+        try:
+            original(self, event, event_message)
+        except KeyError:
+            log.warning("queue: dropped a message for evicted session %s…", str(event.session_hash)[:8])
+
+    send_message._dermaloop = True  # type: ignore[attr-defined]
+    Queue.send_message = send_message  # type: ignore[method-assign]
+
+
+class HealthEndpoint:
+    """Pure ASGI: GET /healthz answers the queue's real state (200 running, 503 stopped) as JSON;
+    `GET /` keeps answering 200 even when the queue has stopped, so it is no health check."""
+
+    def __init__(self, app: Any, blocks: Any):
+        self.app, self.blocks = app, blocks
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"].rstrip("/") != "/healthz":
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        queue = getattr(self.blocks, "_queue", None)
+        stopped = bool(queue is None or queue.stopped)
+        body = {"status": "queue stopped" if stopped else "ok", "queue_stopped": stopped,
+                "waiting": len(queue) if queue is not None else None}
+        await JSONResponse(body, status_code=503 if stopped else 200)(scope, receive, send)

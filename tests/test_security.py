@@ -371,3 +371,47 @@ def test_another_users_session_id_reaches_nothing_of_theirs(tiny_engine, tiny_mo
             review.save(state, False, 5, "", "", [], "", req("max", "eve-tab"))
     finally:
         store.dispose()
+
+
+# ------------------------------------------------------------------------------ the queue under a session flood
+
+
+def test_a_flood_of_session_ids_does_not_stop_the_queue(tiny_model_dir, tmp_path):
+    from test_api import App
+
+    app = App(tmp_path / "home", tiny_model_dir)
+    app.delay_s = 6.0  # the first answer holds the generation slot; the victims wait in the queue
+    from gradio.utils import LRUCache
+
+    # Gradio keeps the last 2,000 sessions; 50 here makes the same eviction happen in seconds.
+    app.demo._queue.pending_messages_per_session = LRUCache(50)
+    try:
+        ids = {d["api_name"]: d["id"] for d in app.demo.config["dependencies"] if d.get("api_name")}
+        assert httpx.get(app.url + "healthz").json()["status"] == "ok"
+        started = time.time()
+        with httpx.Client(base_url=app.url + "gradio_api/", timeout=30) as c:
+            for session in ("holder", "victim", "victim-2"):
+                c.post("queue/join", json={"data": [[], "Is it benign?", "", ""], "fn_index": ids["ask"],
+                                           "session_hash": session}).raise_for_status()
+            from concurrent.futures import ThreadPoolExecutor
+
+            def refused_rate(i: int) -> None:  # each from a new session id: the victims' are evicted
+                c.post("queue/join", json={"data": [999_999, 5, "", "", ""], "fn_index": ids["rate"],
+                                           "session_hash": f"flood-{i}"})
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(refused_rate, range(120)))
+            flood_s = time.time() - started
+        assert flood_s < app.delay_s, f"the flood ({flood_s:.0f} s) must end while the victims still wait"
+        deadline = time.time() + 90
+        while time.time() < deadline and (len(app.demo._queue) or any(app.demo._queue.active_jobs)):
+            time.sleep(0.5)
+        app.delay_s = 0.0
+        health = httpx.get(app.url + "healthz")
+        assert health.status_code == 200 and health.json()["queue_stopped"] is False, health.text
+        from gradio_client import Client
+
+        answer, *_ = Client(app.url, verbose=False).predict([], "Still there?", "", "", api_name="/ask")
+        assert isinstance(answer, str)
+    finally:
+        app.close()
