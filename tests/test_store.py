@@ -147,13 +147,15 @@ def test_text_is_stored_verbatim(db, text):
         c = store.start_conversation(s, u.id, {"symptoms": text, "nested": [text]})
         t = store.record_turn(s, c.id, text, text, image_hashes=[h(0)], template=text[:200],
                               settings={"note": text}, model_version_id=None, error=text)
-        r = store.add_rating(s, t.id, e.id, 4, correction=text, diagnosis=text[:200], comment=text)
+        r = store.add_rating(s, t.id, e.id, 4, correction=text[:store.MAX_CORRECTION_CHARS], diagnosis=text[:200],
+                             comment=text[:store.MAX_COMMENT_CHARS])
         ids = (u.id, c.id, t.id, r.id)
     with db.session() as s:
         u, c, t, r = (s.get(m, i) for m, i in zip((store.User, store.Conversation, Turn, Rating), ids))
         assert u.name == text[:200] and c.context == {"symptoms": text, "nested": [text]}
         assert (t.question, t.answer, t.template, t.settings["note"], t.error) == (text, text, text[:200], text, text)
-        assert (r.correction, r.diagnosis, r.comment) == (text, text[:200], text)
+        assert (r.correction, r.diagnosis, r.comment) == (text[:store.MAX_CORRECTION_CHARS], text[:200],
+                                                          text[:store.MAX_COMMENT_CHARS])
         item = store.review_queue(s, store.get_or_create_user(s, "other").id, need=2)[0]
         assert item.question == text and item.answer == text
 
