@@ -130,6 +130,15 @@ def record_image(s: Session, sha256: str, width: int, height: int, fmt: str = "P
     return image
 
 
+def known_image_hashes(s: Session, hashes: Iterable[str]) -> set[str]:
+    """Which of `hashes` have an image row (the rest are files no turn refers to)."""
+    hashes = list(hashes)
+    known: set[str] = set()
+    for i in range(0, len(hashes), 500):
+        known.update(s.scalars(select(Image.sha256).where(Image.sha256.in_(hashes[i:i + 500]))))
+    return known
+
+
 # ---------------------------------------------------------- conversations, turns
 
 

@@ -230,10 +230,31 @@ def start(
                      f"(built once, then cached; its data is kept apart under {settings.home / 'offline-demo'}).")
             store.dispose()
             return _start_demo(settings, options, adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
-        return attach(settings, engine, store, options, adapter=adapter, notices=notices, zerogpu=zerogpu)
+        runtime = attach(settings, engine, store, options, adapter=adapter, notices=notices, zerogpu=zerogpu)
+        removed = remove_orphan_images(store, settings.images_dir)
+        if removed:
+            log.info("removed %d stored image(s) that no answer refers to", removed)
+        return runtime
     except BaseException:
         store.dispose()
         raise
+
+
+ORPHAN_AGE_S = 3600.0  # an image file this old with no row was left by an answer killed before its record
+
+
+def remove_orphan_images(store: Store, images_dir: Path, older_than_s: float = ORPHAN_AGE_S) -> int:
+    """Delete stored image files that no image row refers to (an answer killed between storing its
+    images and recording its turn); recent ones may belong to an answer under way, so they stay."""
+    now = time.time()
+    files = {p.stem: p for p in Path(images_dir).glob("*/*.png") if now - p.stat().st_mtime > older_than_s}
+    if not files:
+        return 0
+    with store.session() as s:
+        known = st.known_image_hashes(s, files)
+    for sha in set(files) - known:
+        files[sha].unlink(missing_ok=True)
+    return len(set(files) - known)
 
 
 def _start_demo(settings: Settings, options: DemoOptions, *, progress: Callable[[str], None], **kwargs: Any) -> Runtime:

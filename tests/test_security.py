@@ -415,3 +415,44 @@ def test_a_flood_of_session_ids_does_not_stop_the_queue(tiny_model_dir, tmp_path
         assert isinstance(answer, str)
     finally:
         app.close()
+
+
+# ------------------------------------------------------------------------------ leftovers of killed processes
+
+
+def test_image_files_no_answer_refers_to_are_removed_at_start_when_old(tiny_model_dir, dermaloop_home):
+    import os
+
+    from annotation_db import store as st
+    from annotation_db.db import Store
+    from core.config import Settings
+    from core.images import intake
+    from demo.runtime import DemoOptions, start
+    from conftest import draw_lesion
+
+    settings = Settings.from_env(model=str(tiny_model_dir))
+    kept = intake(draw_lesion(), settings.images_dir)
+    orphan = intake(draw_lesion(colour=(20, 20, 20)), settings.images_dir)  # an answer killed before its record
+    fresh = intake(draw_lesion(colour=(200, 20, 20)), settings.images_dir)  # an answer under way
+    db = Store.open(settings.db_url)
+    with db.session() as s:
+        st.record_image(s, kept.sha256, kept.width, kept.height)
+    db.dispose()
+    for img in (kept, orphan):
+        old = time.time() - 2 * 3600
+        os.utime(img.path, (old, old))
+    runtime = start(settings, DemoOptions(poll_s=0), progress=lambda m: None)
+    runtime.store.dispose()
+    assert kept.path.exists() and fresh.path.exists() and not orphan.path.exists()
+
+
+def test_refine_removes_a_half_copied_adapter_left_by_a_killed_registration(dermaloop_home, tiny_model_dir, tmp_path):
+    from core.config import Settings
+    from training import refine
+
+    settings = Settings.from_env(model=str(tiny_model_dir))
+    leftover = settings.models_dir / ".tmp-v2-4242"
+    leftover.mkdir(parents=True)
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    assert refine.main(["--model", str(tiny_model_dir), "--quiet"]) == 0  # nothing new to train: skipped
+    assert not leftover.exists()

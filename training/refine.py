@@ -340,6 +340,10 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
     with db.session() as s:
         st.acquire_lock(s, LOCK_NAME, owner, os.getpid(), socket.gethostname())
     try:
+        # We hold the lock: a `.tmp-*` adapter copy under models/ is what a registration killed before
+        # its commit left behind (never registered), so it goes.
+        for leftover in settings.models_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         with db.session() as s:
             if not resume:
                 _abandon_interrupted(s, runs_dir)
