@@ -267,10 +267,10 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
     }
     from starlette.middleware import Middleware
 
-    from demo.security import HealthEndpoint, LoginGuard, keep_queue_alive_on_evicted_sessions
+    from demo.security import ExportGuard, HealthEndpoint, LoginGuard, keep_queue_alive_on_evicted_sessions
 
     keep_queue_alive_on_evicted_sessions()
-    middleware = [Middleware(HealthEndpoint, blocks=demo)]
+    middleware = [Middleware(HealthEndpoint, blocks=demo), Middleware(ExportGuard, links=ctx.links, auth=ctx.auth)]
     if ctx.auth.mode == "password":
         guard = LoginGuard(ctx.auth)
         kwargs["auth"] = guard.check

@@ -12,7 +12,7 @@ import html
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import gradio as gr
@@ -21,6 +21,7 @@ from annotation_db import store as st
 from annotation_db.errors import StoreError
 from core.errors import DermaLoopError, InputError
 from demo.auth import AuthConfig, Denied, Identity
+from demo.security import ExportLinks
 from demo.runtime import DemoOptions, Runtime
 
 log = logging.getLogger("dermaloop.demo")
@@ -45,6 +46,7 @@ class Ctx:
     runtime: Runtime
     auth: AuthConfig
     options: DemoOptions
+    links: ExportLinks = field(default_factory=ExportLinks)  # signed, expiring names for export downloads
 
     @property
     def settings(self):

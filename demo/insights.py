@@ -130,13 +130,15 @@ class Insights:
     def export(self, fmt: str, request: gr.Request) -> list[str]:
         """Write the store as `fmt` files (turns, ratings, gold pairs, preference pairs) for download."""
         with user_errors():
-            self.ctx.auth.require_rater(request)
+            who = self.ctx.auth.require_rater(request)
             if fmt not in EXPORT_FORMATS:
                 raise InputError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
             out = self._export_dir(request)
             counts = exporter.export(self.ctx.store, fmt, out)
+            prefix = self.ctx.links.prefix(who.name)  # only this user (and admins) may download, for an hour
+            files = [p.rename(p.with_name(prefix + p.name)) for p in sorted(out.iterdir()) if p.is_file()]
         gr.Info("Exported " + ", ".join(f"{n} {t}" for t, n in counts.items()))
-        return sorted(str(p) for p in out.iterdir() if p.is_file())
+        return [str(p) for p in files]
 
     def rollback(self, version: str, reason: str, request: gr.Request) -> str:
         """Admins only: make an earlier version active again (the current one is marked rejected)."""

@@ -17,8 +17,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
+import re
+import secrets
 import shutil
 import threading
 import time
@@ -259,3 +263,79 @@ class HealthEndpoint:
         body = {"status": "queue stopped" if stopped else "ok", "queue_stopped": stopped,
                 "waiting": len(queue) if queue is not None else None}
         await JSONResponse(body, status_code=503 if stopped else 200)(scope, receive, send)
+
+
+# -- exports: served only to their owner (and admins), for a while ------------------------------------
+
+EXPORT_TTL_S = 3600.0  # how long an export's download links work
+_EXPORT_NAME = re.compile(r"dermaloop-export-(?P<expires>\d+)-(?P<tag>[0-9a-f]{16})-")
+
+
+class ExportLinks:
+    """Export files carry their owner and expiry in a signed name (`dermaloop-export-<expires>-<tag>-
+    turns.csv`, tag = HMAC of owner and expiry with a per-process key), because Gradio copies them into
+    its cache under the file's own name and serves them by URL to anyone signed in. `Guard` checks the
+    name on every file request: another user gets 403, an expired link 410."""
+
+    def __init__(self, ttl_s: float = EXPORT_TTL_S, clock: Callable[[], float] = time.time):
+        self.ttl_s, self.clock = ttl_s, clock
+        self._key = secrets.token_bytes(32)
+
+    def _tag(self, owner: str, expires: int) -> str:
+        return hmac.new(self._key, f"{owner}\0{expires}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    def prefix(self, owner: str) -> str:
+        expires = int(self.clock() + self.ttl_s)
+        return f"dermaloop-export-{expires}-{self._tag(owner, expires)}-"
+
+    def check(self, filename: str, user: str | None, is_admin: bool) -> int:
+        """HTTP status for a request of `filename` by `user`: 200, 403 (not theirs) or 410 (expired)."""
+        m = _EXPORT_NAME.match(filename)
+        if m is None:
+            return 200  # not an export
+        expires = int(m["expires"])
+        if not is_admin and (user is None or not hmac.compare_digest(self._tag(user, expires), m["tag"])):
+            return 403
+        return 410 if self.clock() > expires else 200
+
+
+class ExportGuard:
+    """Pure ASGI: GET/HEAD .../file=<path> of an export is answered by `ExportLinks.check`."""
+
+    def __init__(self, app: Any, links: ExportLinks, auth: AuthConfig):
+        self.app, self.links, self.auth = app, links, auth
+
+    def _identity(self, scope: dict) -> tuple[str | None, bool]:
+        from starlette.requests import Request
+
+        from demo.auth import Denied
+
+        request = Request(scope)
+        if self.auth.mode == "password":
+            gradio_app = scope.get("app")
+            cookie_id = getattr(gradio_app, "cookie_id", "")
+            token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+                f"access-token-unsecure-{cookie_id}")
+            request = type("R", (), {"username": getattr(gradio_app, "tokens", {}).get(token)})()
+        try:
+            who = self.auth.identify(request)
+        except Denied:
+            return None, False
+        return who.name, who.is_admin
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or "/file=" not in path:
+            await self.app(scope, receive, send)
+            return
+        name = Path(path.split("/file=", 1)[1]).name
+        if _EXPORT_NAME.match(name):
+            user, is_admin = self._identity(scope)
+            status = self.links.check(name, user, is_admin)
+            if status != 200:
+                from starlette.responses import PlainTextResponse
+
+                text = "This export link has expired: export again." if status == 410 else "Not your export."
+                await PlainTextResponse(text, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -456,3 +456,48 @@ def test_refine_removes_a_half_copied_adapter_left_by_a_killed_registration(derm
     (leftover / "adapter_model.safetensors").write_bytes(b"half")
     assert refine.main(["--model", str(tiny_model_dir), "--quiet"]) == 0  # nothing new to train: skipped
     assert not leftover.exists()
+
+
+# ------------------------------------------------------------------------------ exports: owner only, expiring
+
+
+def test_export_links_name_their_owner_and_expire():
+    from demo.security import ExportLinks
+
+    clock = Clock()
+    links = ExportLinks(ttl_s=60, clock=clock)
+    name = links.prefix("eve") + "turns.csv"
+    assert links.check(name, "eve", False) == 200 and links.check(name, "max", False) == 403
+    assert links.check(name, None, False) == 403 and links.check(name, "ada", True) == 200
+    forged = name.replace(name.split("-")[2], str(int(clock.now) + 10**6))  # a later expiry, same tag
+    assert links.check(forged, "eve", False) == 403
+    clock.now += 61
+    assert links.check(name, "eve", False) == 410
+    assert links.check("turns.csv", "max", False) == 200  # not an export: Gradio's own rules apply
+
+
+def test_an_experts_export_is_refused_to_another_expert_over_http(tiny_model_dir, tmp_path):
+    from demo.insights import Insights
+    from test_api import App
+    from test_demo import req
+
+    users_file = tmp_path / "users.yaml"
+    for name, role in (("eve", "expert"), ("max", "expert"), ("ada", "admin")):
+        add_user(users_file, name, role, f"{name}-pw", rounds=4)
+    app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users_file))
+    try:
+        ctx = app.demo.dermaloop
+        [first, *_] = Insights(ctx).export("csv", req("eve"))
+        assert Path(first).name.startswith("dermaloop-export-")
+
+        def fetch(user: str) -> httpx.Response:
+            with httpx.Client(base_url=app.url) as c:
+                c.post("login", data={"username": user, "password": f"{user}-pw"}).raise_for_status()
+                return c.get(f"gradio_api/file={first}")
+
+        assert fetch("max").status_code == 403
+        assert fetch("eve").text != "Not your export." and fetch("ada").text != "Not your export."
+        ctx.links.clock = lambda: time.time() + 2 * 3600
+        assert fetch("eve").status_code == 410
+    finally:
+        app.close()
