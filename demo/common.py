@@ -21,7 +21,7 @@ from annotation_db import store as st
 from annotation_db.errors import StoreError
 from core.errors import DermaLoopError, InputError
 from demo.auth import AuthConfig, Denied, Identity
-from demo.security import ExportLinks
+from demo.security import ExportLinks, UsageLimits
 from demo.runtime import DemoOptions, Runtime
 
 log = logging.getLogger("dermaloop.demo")
@@ -47,6 +47,7 @@ class Ctx:
     auth: AuthConfig
     options: DemoOptions
     links: ExportLinks = field(default_factory=ExportLinks)  # signed, expiring names for export downloads
+    limits: UsageLimits = field(default_factory=UsageLimits)  # per-user calls, sessions and uploads
 
     @property
     def settings(self):
@@ -83,6 +84,13 @@ def model_markdown(text: str | None) -> str:
     """A model's answer as Markdown: lists and emphasis render, but no image loads and no HTML runs
     (an answer can echo what a question smuggled in)."""
     return html.escape(text or "", quote=False).replace("![", "!\\[")
+
+
+def admit(ctx: Ctx, who: Identity, request: Any, state: Any = None) -> None:
+    """Every handler a person triggers: within their limits, and (with a page state) on their own page."""
+    ctx.limits.call(who.name, getattr(request, "session_hash", None))
+    if state is not None:
+        bind(state, who)
 
 
 def bind(state: Any, who: Identity) -> None:

@@ -22,7 +22,7 @@ from core.errors import DermaLoopError, InputError
 from core.images import StoredImage, intake_many, load_stored, normalise
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
-from demo.common import Ctx, bind, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
+from demo.common import Ctx, admit, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -90,6 +90,13 @@ def upload_folder() -> str:
     return get_upload_folder()
 
 
+def upload_size(path: Any) -> int:
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0
+
+
 def remove_upload(path: Any) -> None:
     """Delete an original upload (and the folder Gradio made for it) if it lies in the upload folder
     and is not one of our cleaned copies."""
@@ -126,13 +133,16 @@ class Consult:
         self._running: dict[tuple[str, str], Any] = {}  # (user, session) -> the Generation streaming (for Stop)
 
     # -- shared by the page and the API ------------------------------------------
-    def clean_uploads(self, files: Any) -> list[str] | None:
+    def clean_uploads(self, files: Any, request: gr.Request) -> list[str] | None:
         """On upload: each file is replaced at once by its normalised pixels (no EXIF, GPS or other
         metadata) under a neutral name (`<sha256>.png` in Gradio's upload folder), and the original,
         kept by Gradio under the name it had on the clinician's disk, is deleted."""
         paths = file_paths(files)
         s = self.ctx.settings
         try:
+            who = self.ctx.auth.identify(request)
+            admit(self.ctx, who, request)
+            self.ctx.limits.upload(who.name, [upload_size(p) for p in paths])
             if len(paths) > s.max_images:
                 raise InputError(f"{len(paths)} images given; at most {s.max_images} per question")
             clean_dir = Path(upload_folder()) / "dermaloop-clean"
@@ -147,8 +157,8 @@ class Consult:
                     os.replace(tmp, target)
                 out.append(str(target))
             return out
-        except (DermaLoopError, OSError) as e:
-            gr.Warning(str(e) if isinstance(e, DermaLoopError) else f"the upload could not be read ({e})")
+        except (DermaLoopError, Denied, OSError) as e:
+            gr.Warning(f"the upload could not be read ({e})" if isinstance(e, OSError) else str(e))
             return None
         finally:
             for path in paths:
@@ -202,7 +212,7 @@ class Consult:
         """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status)."""
         with user_errors():
             who = self.ctx.auth.identify(request)
-            bind(case, who)
+            admit(self.ctx, who, request, case)
             question = check_question(question, self.ctx.settings.max_question_chars)
             template = template or "free"
             if template not in TEMPLATES:
@@ -292,7 +302,7 @@ class Consult:
         """Thumbs up/down on an answer in the chat: a quick rating from anyone."""
         with user_errors():
             who = self.ctx.auth.identify(request)
-            bind(case, who)
+            admit(self.ctx, who, request, case)
             index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
             turn_id = case.turn_ids.get(int(index))
             if turn_id is None:
@@ -314,7 +324,7 @@ class Consult:
         """An expert's full rating of the latest answer; the rater is the signed-in user."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
-            bind(case, who)
+            admit(self.ctx, who, request, case)
             if case.last_turn_id is None:
                 raise InputError("ask a question first: there is no answer to rate yet")
             saved = save_rating(self.ctx, who, case.last_turn_id, score, correction=correction,
@@ -331,6 +341,8 @@ class Consult:
         `UPLOAD_MAX_AGE_S` (`demo.security.sweep_uploads`)."""
         with user_errors():
             who = self.ctx.auth.identify(request)
+            admit(self.ctx, who, request)
+            self.ctx.limits.upload(who.name, [upload_size(p) for p in file_paths(images)])
             question = check_question(question, self.ctx.settings.max_question_chars)
             turns: list[PastTurn] = []
             known: list[str] = []
@@ -371,6 +383,7 @@ class Consult:
         """/rate: (turn id, score 1-5, correction, diagnosis, comment) -> rating id, as the signed-in expert."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
+            admit(self.ctx, who, request)
             saved = save_rating(self.ctx, who, parse_id(turn_id, "turn id"), parse_score(score), correction=correction,
                                 diagnosis=diagnosis, comment=comment)
         return saved.id

@@ -16,7 +16,7 @@ import pandas as pd
 from annotation_db import export as exporter
 from annotation_db import store as st
 from core.errors import InputError
-from demo.common import Ctx, user_errors
+from demo.common import Ctx, admit, user_errors
 
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
 SHARES = [("share_corrected", "corrected"), ("share_unsafe", "unsafe"), ("share_hallucination", "hallucination"),
@@ -131,6 +131,7 @@ class Insights:
         """Write the store as `fmt` files (turns, ratings, gold pairs, preference pairs) for download."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
+            admit(self.ctx, who, request)
             if fmt not in EXPORT_FORMATS:
                 raise InputError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
             out = self._export_dir(request)

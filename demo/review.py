@@ -16,7 +16,7 @@ from annotation_db import store as st
 from core.images import ImageError, load_stored
 from core.prompts import ClinicalContext
 from demo.auth import Identity
-from demo.common import Ctx, bind, ensure_user, model_markdown, plain, save_rating, user_errors
+from demo.common import Ctx, admit, ensure_user, model_markdown, plain, save_rating, user_errors
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -81,7 +81,7 @@ class Review:
         """Opening the tab: keep the answer on screen (and the expert's edits), refresh the counter."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
-            bind(state, who)
+            admit(self.ctx, who, request, state)
             if state.turn_id is None:
                 return self._next(who, state, blind)
             with self.ctx.store.session() as s:
@@ -93,14 +93,14 @@ class Review:
         version, score, correction (pre-filled with the answer), diagnosis, flags, comment, status."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
-            bind(state, who)
+            admit(self.ctx, who, request, state)
             return self._next(who, state, blind)
 
     def save(self, state: ReviewState, blind: bool, score: Any, correction: str, diagnosis: str, flags: list,
              comment: str, request: gr.Request) -> tuple:
         with user_errors():
             who = self.ctx.auth.require_rater(request)
-            bind(state, who)
+            admit(self.ctx, who, request, state)
             if state.turn_id is None:
                 raise gr.Error("there is no answer on screen to rate")
             saved = save_rating(self.ctx, who, state.turn_id, score, correction=correction, model_answer=state.answer,
@@ -111,7 +111,7 @@ class Review:
     def skip(self, state: ReviewState, blind: bool, request: gr.Request) -> tuple:
         with user_errors():
             who = self.ctx.auth.require_rater(request)
-            bind(state, who)
+            admit(self.ctx, who, request, state)
             if state.turn_id is not None:
                 state.skipped.add(state.turn_id)
             return self._next(who, state, blind, "Skipped." if state.turn_id is not None else "")

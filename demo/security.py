@@ -339,3 +339,63 @@ class ExportGuard:
                 await PlainTextResponse(text, status_code=status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+# -- what one user may open and send ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsagePolicy:
+    calls_per_minute: int = 60  # asks, rates, uploads... per user
+    sessions_per_window: int = 30  # distinct page/API sessions per user within window_s
+    uploads_per_window: int = 200  # images per user within window_s
+    upload_bytes_per_window: int = 1_000_000_000
+    window_s: float = 3600.0
+
+
+class UsageLimits:
+    """Per-user limits that keep one account (or a script holding it) from flooding the app; what a
+    reverse proxy cannot see, because it does not know who is signed in. Over a limit: `Denied`
+    with a one-line message, logged."""
+
+    def __init__(self, policy: UsagePolicy | None = None, clock: Callable[[], float] = time.monotonic):
+        self.policy, self.clock = policy or UsagePolicy(), clock
+        self._calls: dict[str, list[float]] = {}
+        self._sessions: dict[str, dict[str, float]] = {}
+        self._uploads: dict[str, list[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def _refuse(self, user: str, why: str) -> None:
+        from demo.auth import Denied
+
+        log.warning("limits: %s refused: %s", user, why)
+        raise Denied(why)
+
+    def call(self, user: str, session: str | None) -> None:
+        """One handler call by `user` from `session`."""
+        now, p = self.clock(), self.policy
+        with self._lock:
+            calls = [t for t in self._calls.get(user, []) if now - t < 60] + [now]
+            self._calls[user] = calls
+            sessions = {s: t for s, t in self._sessions.get(user, {}).items() if now - t < p.window_s}
+            if session is not None and session not in sessions and len(sessions) >= p.sessions_per_window:
+                self._sessions[user] = sessions
+                self._refuse(user, f"too many sessions ({p.sessions_per_window} within an hour): use an open page "
+                                   "or try again later")
+            if session is not None:
+                sessions[session] = now
+            self._sessions[user] = sessions
+        if len(calls) > p.calls_per_minute:
+            self._refuse(user, f"too many requests ({p.calls_per_minute} a minute): wait a moment")
+
+    def upload(self, user: str, sizes: list[int]) -> None:
+        """`user` uploads files of `sizes` bytes: within the hourly count and volume, or refused."""
+        now, p = self.clock(), self.policy
+        with self._lock:
+            recent = [(t, n) for t, n in self._uploads.get(user, []) if now - t < p.window_s]
+            count, volume = len(recent) + len(sizes), sum(n for _, n in recent) + sum(sizes)
+            if count > p.uploads_per_window or volume > p.upload_bytes_per_window:
+                self._uploads[user] = recent
+                self._refuse(user, f"upload quota reached ({p.uploads_per_window} images or "
+                                   f"{p.upload_bytes_per_window // 1_000_000} MB an hour): try again later")
+            self._uploads[user] = recent + [(now, n) for n in sizes]

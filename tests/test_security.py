@@ -501,3 +501,54 @@ def test_an_experts_export_is_refused_to_another_expert_over_http(tiny_model_dir
         assert fetch("eve").status_code == 410
     finally:
         app.close()
+
+
+# ------------------------------------------------------------------------------ per-user limits
+
+
+def test_per_user_limits_on_calls_sessions_and_uploads():
+    from demo.auth import Denied
+    from demo.security import UsageLimits, UsagePolicy
+
+    clock = Clock()
+    limits = UsageLimits(UsagePolicy(calls_per_minute=3, sessions_per_window=2, uploads_per_window=3,
+                                     upload_bytes_per_window=100, window_s=600), clock)
+    for _ in range(3):
+        limits.call("cara", "tab-1")
+    with pytest.raises(Denied, match="too many requests"):
+        limits.call("cara", "tab-1")
+    limits.call("eve", "x")  # others are not affected
+    clock.now += 61
+    limits.call("cara", "tab-2")
+    with pytest.raises(Denied, match="too many sessions"):
+        limits.call("cara", "tab-3")  # a script minting session ids
+    limits.call("cara", "tab-1")  # an open page still works
+    limits.upload("cara", [40, 40])
+    with pytest.raises(Denied, match="upload quota"):
+        limits.upload("cara", [40])  # 120 bytes > 100
+    limits.upload("cara", [10])
+    with pytest.raises(Denied, match="upload quota"):
+        limits.upload("cara", [1])  # a 4th image
+    clock.now += 601
+    limits.upload("cara", [40, 40])
+
+
+def test_a_clinician_flooding_refused_rates_is_slowed_with_a_message(tiny_model_dir, tmp_path, users):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from demo.security import UsageLimits, UsagePolicy
+    from test_api import App
+
+    app = App(tmp_path / "home", tiny_model_dir, auth=users)
+    app.demo.dermaloop.limits = UsageLimits(UsagePolicy(calls_per_minute=5))
+    try:
+        eve = Client(app.url, auth=("eve", "eve-pw"), verbose=False)
+        messages = []
+        for _ in range(7):
+            with pytest.raises(AppError) as e:
+                eve.predict(999, 3, "", "", "", api_name="/rate")
+            messages.append(str(e.value))
+        assert "no turn with id 999" in messages[0] and "too many requests" in messages[-1]
+    finally:
+        app.close()
