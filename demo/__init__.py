@@ -9,3 +9,7 @@ Modules: `runtime` (start-up: store, model, offline fallback, hot version swap),
 `spaces` (Hugging Face Spaces: /data, ZeroGPU). No model code and no SQL here:
 everything goes through `core` and `annotation_db`.
 """
+
+from pathlib import Path
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # drawn phantoms shown as example cases

@@ -108,8 +108,8 @@ def create(argv: list[str] | None = None):
         raise SystemExit(0)
     for line in compat.warnings(compat.versions()):
         print(line, file=sys.stderr, flush=True)
-    from core.config import settings_from_args
     from annotation_db.errors import StoreError
+    from core.config import settings_from_args
     from core.errors import DermaLoopError
     from demo.auth import AuthError, auth_from_env
 

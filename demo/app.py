@@ -11,13 +11,13 @@ rating, review and insights run in their own slots and never wait behind it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from core.config import Settings
 from core.prompts import FITZPATRICK, MODALITIES, TEMPLATE_LABELS, TEMPLATES
+from demo import EXAMPLES_DIR
 from demo.auth import AuthConfig, Denied
 from demo.common import FLAG_CHOICES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import Case, Consult
@@ -25,7 +25,6 @@ from demo.insights import EXPORT_FORMATS, Insights
 from demo.review import Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 CSS = """
 .dl-notice {border-left: 4px solid #2a7ab0; padding: 6px 12px !important; background: rgba(42,122,176,.08);}
 .dl-banner {border-left: 4px solid #d08700; padding: 6px 12px !important; background: rgba(255,196,0,.15);}

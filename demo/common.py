@@ -21,8 +21,8 @@ from annotation_db import store as st
 from annotation_db.errors import StoreError
 from core.errors import DermaLoopError, InputError
 from demo.auth import AuthConfig, Denied, Identity
-from demo.security import ExportLinks, UsageLimits
 from demo.runtime import DemoOptions, Runtime
+from demo.security import ExportLinks, UsageLimits
 
 log = logging.getLogger("dermaloop.demo")
 

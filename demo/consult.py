@@ -23,6 +23,7 @@ from core.images import StoredImage, intake_many, load_stored, normalise
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
 from demo.common import Ctx, admit, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
+from demo.security import is_example_copy
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -103,7 +104,7 @@ def remove_upload(path: Any) -> None:
     if not isinstance(path, (str, os.PathLike)):
         return
     root, p = Path(upload_folder()).resolve(), Path(path).resolve()
-    if root not in p.parents or p.parent.name == "dermaloop-clean":
+    if root not in p.parents or p.parent.name == "dermaloop-clean" or is_example_copy(p):
         return
     p.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
@@ -271,7 +272,8 @@ class Consult:
         case.context = context.to_dict()
         case.turns.append(PastTurn(question, answer.text, [i.sha256 for i in images], template))
         case.image_hashes += [i.sha256 for i in images]
-        messages[-1] = {"role": "assistant", "content": (model_markdown(answer.text) or "_(no answer)_") + footer(rec.version, answer.latency_s, rec.status)}
+        shown_answer = model_markdown(answer.text) or "_(no answer)_"
+        messages[-1] = {"role": "assistant", "content": shown_answer + footer(rec.version, answer.latency_s, rec.status)}
         case.turn_ids[len(messages) - 1] = rec.turn_id
         case.messages = messages
         case.last_turn_id, case.last_answer = rec.turn_id, answer.text

@@ -166,6 +166,17 @@ class _AddressThrottle:
 UPLOAD_MAX_AGE_S = 600.0  # an API upload waits at most this long in the queue before it is swept
 
 
+def is_example_copy(path: Path) -> bool:
+    """Gradio stores an upload and its cached copy of an example file at the same place when they are
+    the same file: an upload of one of our examples must not delete the example's cache."""
+    import filecmp
+
+    from demo import EXAMPLES_DIR
+
+    example = EXAMPLES_DIR / path.name
+    return example.is_file() and path.is_file() and filecmp.cmp(example, path, shallow=False)
+
+
 def sweep_uploads(uploaded: set[str], max_age_s: float = UPLOAD_MAX_AGE_S, now: float | None = None) -> int:
     """Delete the original uploads (Gradio's `Blocks.upload_file_set`: what its upload route wrote, not
     the example files it caches beside them) older than `max_age_s`; returns how many."""
@@ -175,6 +186,9 @@ def sweep_uploads(uploaded: set[str], max_age_s: float = UPLOAD_MAX_AGE_S, now: 
         path = Path(name)
         try:
             if now - path.stat().st_mtime <= max_age_s:
+                continue
+            if is_example_copy(path):
+                uploaded.discard(name)
                 continue
             path.unlink()
             removed += 1

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import socket
@@ -74,8 +75,6 @@ def url(request, tmp_path):
     """A fresh database URL: SQLite in a temp folder, and PostgreSQL when CI provides one."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'annotations.db'}"
-    from test_store import reset_pg
-
     reset_pg(PG_URL)
     return PG_URL
 
@@ -132,3 +131,53 @@ def draw_lesion(size=(96, 80), colour=(120, 60, 40), background=(225, 190, 160))
     w, h = size
     ImageDraw.Draw(img).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colour)
     return img
+
+
+# ------------------------------------------------------------------------------ the store on SQLite and PostgreSQL
+
+
+def reset_pg(url: str) -> None:
+    from annotation_db.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as c:
+        c.exec_driver_sql("DROP SCHEMA public CASCADE")
+        c.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+
+
+@pytest.fixture
+def db(url):
+    """A fresh, migrated store on SQLite, and on PostgreSQL when CI provides one."""
+    from annotation_db import Store
+
+    st = Store.open(url)
+    yield st
+    st.dispose()
+
+
+def h(i: int) -> str:
+    """A fake image hash."""
+    return hashlib.sha256(f"img{i}".encode()).hexdigest()
+
+
+@pytest.fixture
+def world(db):
+    """A clinician, two experts, a base version, a conversation with two turns."""
+    from annotation_db import store
+
+    with db.session() as s:
+        doc = store.get_or_create_user(s, "dr-clinic", "clinician")
+        e1 = store.get_or_create_user(s, "expert-1")
+        e2 = store.get_or_create_user(s, "expert-2")
+        v1 = store.ensure_base_version(s, "HuggingFaceTB/SmolVLM-256M-Instruct")
+        for i in range(3):
+            store.record_image(s, h(i), 64, 48, nbytes=100)
+        c = store.start_conversation(s, doc.id, {"age": 54, "site": "back", "fitzpatrick": "III"})
+        t1 = store.record_turn(s, c.id, "What is this lesion?", "A seborrhoeic keratosis.",
+                               image_hashes=[h(0), h(1)], template="qa-v1", settings={"max_new_tokens": 64},
+                               model_version_id=v1.id, latency_s=1.5, ttft_s=0.2, prompt_tokens=90,
+                               completion_tokens=12)
+        t2 = store.record_turn(s, c.id, "And this one?", "A nevus.", image_hashes=[h(2)], template="qa-v1",
+                               settings={}, model_version_id=v1.id)
+    return dict(db=db, doc=doc.id, e1=e1.id, e2=e2.id, v1=v1.id, conv=c.id, t1=t1.id, t2=t2.id)

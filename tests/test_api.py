@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import draw_lesion
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -26,6 +25,8 @@ from core.models import load_model
 from demo.app import build_demo, launch_kwargs
 from demo.auth import AuthConfig, add_user
 from demo.runtime import DemoOptions, attach
+
+from conftest import draw_lesion
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo.auth import AuthConfig, add_user
+
 from test_api import App
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -4,10 +4,11 @@ import argparse
 
 import pytest
 
-from conftest import draw_lesion
 from core.config import Settings, add_settings_args, settings_from_args
 from core.errors import InputError
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, build_messages, render_user_text
+
+from conftest import draw_lesion
 
 
 def test_env_then_flags(monkeypatch, dermaloop_home):

@@ -7,16 +7,14 @@ server-side, and every kind of bad input: a clear message and nothing stored.
 
 from __future__ import annotations
 
-import re
-
 import io
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
 import pytest
-from conftest import draw_lesion
 
 from annotation_db import store as st
 from annotation_db.db import Store
@@ -27,6 +25,8 @@ from demo.consult import Case, Consult
 from demo.insights import Insights
 from demo.review import Review, ReviewState
 from demo.runtime import DemoOptions, attach
+
+from conftest import draw_lesion
 
 USERS = {"eve": "expert", "max": "expert", "cara": "clinician", "ada": "admin"}
 

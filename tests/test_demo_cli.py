@@ -180,8 +180,9 @@ def test_oauth_roles_from_the_allow_list(monkeypatch):
     with pytest.raises(AuthError):
         parse_roles("alice=boss")
     auth = AuthConfig.oauth("alice=admin,bob=expert")
-    signed_in = lambda name: SimpleNamespace(request=None, session={"oauth_info": {"userinfo": {"preferred_username": name},
-                                                                                      "expires_at": time.time() + 60}})
+    def signed_in(name):
+        return SimpleNamespace(request=None, session={"oauth_info": {"userinfo": {"preferred_username": name},
+                                                                     "expires_at": time.time() + 60}})
     assert auth.identify(signed_in("alice")).role == "admin"
     assert auth.identify(signed_in("zed")).role == "clinician"  # signed in, not listed
     expired = SimpleNamespace(request=None, session={"oauth_info": {"userinfo": {"preferred_username": "bob"}, "expires_at": 1}})
@@ -194,7 +195,8 @@ def test_oauth_roles_from_the_allow_list(monkeypatch):
     asked: list[str] = []
     monkeypatch.setattr(huggingface_hub, "whoami", lambda token: asked.append(token) or
                         ({"name": "bob"} if token == "hf_good" else (_ for _ in ()).throw(ValueError("401"))))
-    api_call = lambda token: SimpleNamespace(request=None, session={}, headers={"authorization": f"Bearer {token}"})
+    def api_call(token):
+        return SimpleNamespace(request=None, session={}, headers={"authorization": f"Bearer {token}"})
     assert auth.identify(api_call("hf_good")).role == "expert"
     assert auth.identify(api_call("hf_good")).name == "bob" and asked == ["hf_good"]  # cached
     with pytest.raises(Denied):

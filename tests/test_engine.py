@@ -5,12 +5,13 @@ import threading
 import pytest
 import torch
 
-from conftest import draw_lesion
 from core.config import GenerationSettings, Settings
 from core.engine import Engine
 from core.errors import InputError, ModelLoadError
 from core.models import load_model
 from core.prompts import ChatTurn, ClinicalContext
+
+from conftest import draw_lesion
 
 
 def _make_adapter(model_dir, out_dir, seed, modules_to_save=None):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import draw_lesion
 from core.errors import ImageError
 from core.images import image_path, intake, intake_many, normalise
+
+from conftest import draw_lesion
 
 
 def _png_bytes(img: Image.Image, **save) -> bytes:

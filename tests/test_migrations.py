@@ -3,7 +3,6 @@ created at the first revision with rows in it keeps every row on upgrade."""
 
 from __future__ import annotations
 
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import draw_lesion
 from gradio_client import Client, handle_file
 
 from annotation_db import store as st
@@ -17,6 +16,8 @@ from annotation_db.db import Store
 from core.config import Settings
 from core.errors import ModelLoadError
 from demo.runtime import OFFLINE_BANNER, DemoOptions, start
+
+from conftest import draw_lesion
 
 ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE = "HuggingFaceTB/no-such-model-offline"
@@ -77,12 +78,11 @@ def test_another_base_than_the_active_versions_stops_and_changes_nothing(expert_
 
 
 def test_an_adapter_that_does_not_fit_the_base_stops_and_changes_nothing(expert_store, tiny_model_dir, tmp_path):
+    import torch
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
 
     from core.models import load_model
-
-    import torch
-    from safetensors.torch import load_file, save_file
 
     # An adapter with the right module names but other shapes: as if trained on a bigger sibling.
     model = get_peft_model(load_model(tiny_model_dir).model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -130,8 +130,9 @@ def quick_demo(settings: Settings):
 def test_demo_mode_keeps_its_own_store_and_the_documented_loop_works(dermaloop_home, tmp_path):
     from demo.app import build_demo, launch_kwargs
     from demo.auth import AuthConfig
-    from test_api import free_port
     from training import refine
+
+    from test_api import free_port
 
     settings = Settings.from_env(model=UNREACHABLE, device="cpu", max_new_tokens=8)
     demo_model = quick_demo(settings)

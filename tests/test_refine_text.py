@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from training.collate import CAPTION_QUESTION, IGNORE, TrainTurn, collate, encode, supervised_turns, training_text
 from training.data import Example
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -165,9 +166,10 @@ def counts(app) -> tuple[int, int]:
 def test_oversized_context_fields_and_ratings_are_refused_with_a_message(api_app, tmp_path):
     import json
 
-    from conftest import draw_lesion
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
+
+    from conftest import draw_lesion
 
     draw_lesion().save(tmp_path / "a.png")
     client = Client(api_app.url, verbose=False)
@@ -191,9 +193,10 @@ def test_oversized_context_fields_and_ratings_are_refused_with_a_message(api_app
     (-1, 3, "turn id must be a positive whole number"),
 ])
 def test_rate_takes_whole_numbers_only(api_app, tmp_path, turn_id, score, match):
-    from conftest import draw_lesion
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
+
+    from conftest import draw_lesion
 
     draw_lesion().save(tmp_path / "a.png")
     client = Client(api_app.url, verbose=False)
@@ -247,8 +250,9 @@ def test_user_text_and_answers_carry_no_markdown_image_or_html(text):
 
 def patient_photo(path: Path) -> Path:
     """A JPEG named like a patient, with GPS and a description in its EXIF."""
-    from conftest import draw_lesion
     from PIL import Image
+
+    from conftest import draw_lesion
 
     exif = Image.Exif()
     exif[0x010E] = "Jane Doe, MRN 12345, left shoulder"  # ImageDescription
@@ -303,14 +307,15 @@ def test_a_page_upload_is_replaced_at_once_by_clean_pixels_under_a_neutral_name(
     store = Store.open(settings.db_url)
     try:
         consult = Consult(Ctx(attach(settings, tiny_engine, store, DemoOptions()), AuthConfig.local(), DemoOptions()))
-        [clean] = consult.clean_uploads([str(original)])
+        who = SimpleNamespace(username=None, session_hash="tab")
+        [clean] = consult.clean_uploads([str(original)], who)
         assert not original.exists() and not original.parent.exists()
         assert Path(clean).parent == uploads / "dermaloop-clean" and "Jane" not in clean
         with Image.open(clean) as img:
             assert not img.getexif() and not img.info.get("exif")
         (uploads / "def456").mkdir()
         (uploads / "def456" / "John Roe.png").write_bytes(b"not an image")
-        assert consult.clean_uploads([str(uploads / "def456" / "John Roe.png")]) is None  # a warning, nothing kept
+        assert consult.clean_uploads([str(uploads / "def456" / "John Roe.png")], who) is None  # a warning, nothing kept
         assert not (uploads / "def456").exists()
     finally:
         store.dispose()
@@ -343,6 +348,7 @@ def test_another_users_session_id_reaches_nothing_of_theirs(tiny_engine, tiny_mo
     from demo.consult import Case, Consult
     from demo.review import Review, ReviewState
     from demo.runtime import DemoOptions, attach
+
     from test_demo import ask, counts, req, save_png
 
     settings = Settings.from_env(home=tmp_path / "home", model=str(tiny_model_dir), max_new_tokens=8)
@@ -385,6 +391,10 @@ def test_a_flood_of_session_ids_does_not_stop_the_queue(tiny_model_dir, tmp_path
 
     # Gradio keeps the last 2,000 sessions; 50 here makes the same eviction happen in seconds.
     app.demo._queue.pending_messages_per_session = LRUCache(50)
+    from demo.security import UsageLimits, UsagePolicy
+
+    # The per-user session cap would refuse most of this flood early: lift it to test the queue itself.
+    app.demo.dermaloop.limits = UsageLimits(UsagePolicy(calls_per_minute=10**6, sessions_per_window=10**6))
     try:
         ids = {d["api_name"]: d["id"] for d in app.demo.config["dependencies"] if d.get("api_name")}
         assert httpx.get(app.url + "healthz").json()["status"] == "ok"
@@ -428,6 +438,7 @@ def test_image_files_no_answer_refers_to_are_removed_at_start_when_old(tiny_mode
     from core.config import Settings
     from core.images import intake
     from demo.runtime import DemoOptions, start
+
     from conftest import draw_lesion
 
     settings = Settings.from_env(model=str(tiny_model_dir))
@@ -478,6 +489,7 @@ def test_export_links_name_their_owner_and_expire():
 
 def test_an_experts_export_is_refused_to_another_expert_over_http(tiny_model_dir, tmp_path):
     from demo.insights import Insights
+
     from test_api import App
     from test_demo import req
 
@@ -538,6 +550,7 @@ def test_a_clinician_flooding_refused_rates_is_slowed_with_a_message(tiny_model_
     from gradio_client.exceptions import AppError
 
     from demo.security import UsageLimits, UsagePolicy
+
     from test_api import App
 
     app = App(tmp_path / "home", tiny_model_dir, auth=users)

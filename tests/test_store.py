@@ -2,64 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 
 import pytest
 from sqlalchemy import func, select
 
-from annotation_db import Conflict, InvalidInput, LockHeld, NotFound, Store, store
+from annotation_db import Conflict, InvalidInput, LockHeld, NotFound, store
 from annotation_db.models import Rating, Turn
 
-PG_URL = os.environ.get("DERMALOOP_TEST_PG_URL")
-PG_SKIP = "PostgreSQL store tests skipped: DERMALOOP_TEST_PG_URL is unset (source .ci/postgres.sh)"
-
-
-def reset_pg(url: str) -> None:
-    from annotation_db.db import make_engine
-
-    engine = make_engine(url)
-    with engine.begin() as c:
-        c.exec_driver_sql("DROP SCHEMA public CASCADE")
-        c.exec_driver_sql("CREATE SCHEMA public")
-    engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not PG_URL, reason=PG_SKIP))])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'annotations.db'}"
-    else:
-        reset_pg(PG_URL)
-        url = PG_URL
-    st = Store.open(url)
-    yield st
-    st.dispose()
-
-
-def h(i: int) -> str:
-    return hashlib.sha256(f"img{i}".encode()).hexdigest()
-
-
-@pytest.fixture
-def world(db):
-    """A clinician, two experts, a base version, a conversation with two turns."""
-    with db.session() as s:
-        doc = store.get_or_create_user(s, "dr-clinic", "clinician")
-        e1 = store.get_or_create_user(s, "expert-1")
-        e2 = store.get_or_create_user(s, "expert-2")
-        v1 = store.ensure_base_version(s, "HuggingFaceTB/SmolVLM-256M-Instruct")
-        for i in range(3):
-            store.record_image(s, h(i), 64, 48, nbytes=100)
-        c = store.start_conversation(s, doc.id, {"age": 54, "site": "back", "fitzpatrick": "III"})
-        t1 = store.record_turn(s, c.id, "What is this lesion?", "A seborrhoeic keratosis.",
-                               image_hashes=[h(0), h(1)], template="qa-v1", settings={"max_new_tokens": 64},
-                               model_version_id=v1.id, latency_s=1.5, ttft_s=0.2, prompt_tokens=90,
-                               completion_tokens=12)
-        t2 = store.record_turn(s, c.id, "And this one?", "A nevus.", image_hashes=[h(2)], template="qa-v1",
-                               settings={}, model_version_id=v1.id)
-    return dict(db=db, doc=doc.id, e1=e1.id, e2=e2.id, v1=v1.id, conv=c.id, t1=t1.id, t2=t2.id)
+from conftest import h
 
 
 def test_users_and_images_are_idempotent(db):

@@ -8,11 +8,12 @@ from collections import defaultdict
 
 import pytest
 from sqlalchemy import select
-from test_store import db, h  # noqa: F401  (db: the SQLite / PostgreSQL store fixture)
 
 from annotation_db import store
 from annotation_db.models import Rating, Turn
 from annotation_db.store import GoldConflict, GoldPair, GoldResult, PreferencePair, as_utc
+
+from conftest import h
 
 
 def reference_gold_pairs(s, accept_threshold=4.0, roles=("expert", "admin"), since_version_id=None) -> GoldResult:
@@ -62,7 +63,7 @@ def as_tuples(g: GoldResult):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gold_pairs_match_the_reference_on_a_random_store(db, seed):  # noqa: F811
+def test_gold_pairs_match_the_reference_on_a_random_store(db, seed):
     rng = random.Random(seed)
     corrections = ["Melanoma; refer.", "Melanoma; refer. ", " Melanoma; refer.", "Nevus.", "Nevus.\n", "BCC"]
     with db.session() as s:

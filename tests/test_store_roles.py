@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from test_store import world  # noqa: F401  fixture
-from test_store import db  # noqa: F401  fixture
 
 from annotation_db import store
 from annotation_db.errors import Conflict
@@ -19,7 +17,7 @@ def counter(s, turn_id: int) -> int:
     return s.get(Turn, turn_id).expert_raters
 
 
-def test_promoted_user_counts_and_demotion_recounts(world):  # noqa: F811
+def test_promoted_user_counts_and_demotion_recounts(world):
     db, t1, t2 = world["db"], world["t1"], world["t2"]
     with db.session() as s:
         nurse = store.get_or_create_user(s, "nurse", "clinician")
@@ -37,7 +35,7 @@ def test_promoted_user_counts_and_demotion_recounts(world):  # noqa: F811
         assert store.get_or_create_user(s, "nurse").role.value == "clinician"  # no role: kept
 
 
-def test_admin_reviews_count_as_expert_reviews(world):  # noqa: F811
+def test_admin_reviews_count_as_expert_reviews(world):
     db, t1 = world["db"], world["t1"]
     with db.session() as s:
         ada = store.get_or_create_user(s, "ada", "admin")
@@ -51,7 +49,7 @@ def test_admin_reviews_count_as_expert_reviews(world):  # noqa: F811
         assert counter(s, t1) == 1
 
 
-def test_rollback_to_rejected_version_needs_forced(world):  # noqa: F811
+def test_rollback_to_rejected_version_needs_forced(world):
     db = world["db"]
     with db.session() as s:
         v2 = store.register_version(s, base_model="b", adapter_path="models/v2", parent_id=world["v1"])
@@ -67,7 +65,7 @@ def test_rollback_to_rejected_version_needs_forced(world):  # noqa: F811
         assert store.active_version(s).name == "v1" and v3.status.value == "retired"
 
 
-def test_concurrent_turns_and_users_never_collide(db):  # noqa: F811
+def test_concurrent_turns_and_users_never_collide(db):
     with db.session() as s:
         doc = store.get_or_create_user(s, "doc", "clinician")
         v = store.ensure_base_version(s, "base")

@@ -16,7 +16,7 @@ from training import phantoms
 from training.data import read_jsonl
 from training.errors import SynthError
 from training.metrics.diagnosis import BUILTIN_SYNONYMS
-from training.synth import SourceRecord, TemplateBackend, main, read_sources, run
+from training.synth import SourceRecord, TemplateBackend, main, read_sources
 from training.synth_openai import OpenAIBackend, OpenAIConfig
 
 DIAGNOSES = sorted({n for k, v in BUILTIN_SYNONYMS.items() for n in (k, *v)} | {n for c in phantoms.CLASSES for n in (c.name, *c.synonyms)})
@@ -160,7 +160,8 @@ def _record():
 
 def test_openai_backend_retries_429_and_malformed_replies_then_caches(chat_server, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_KEY", "sk-test")
-    server = chat_server([(429, ""), (200, "Sure! Here are your pairs:"), (200, json.dumps({"pairs": [{"kind": "diagnosis", "question": "Dx?", "answer": "Most likely eczema."}]}))])
+    pairs = {"pairs": [{"kind": "diagnosis", "question": "Dx?", "answer": "Most likely eczema."}]}
+    server = chat_server([(429, ""), (200, "Sure! Here are your pairs:"), (200, json.dumps(pairs))])
     sleeps: list[float] = []
     config = OpenAIConfig(url=server.url, model="m", api_key_env="TEST_KEY", backoff_s=0.01, rpm=0, cache_dir=str(tmp_path / "cache"))
     backend = OpenAIBackend(config, sleep=sleeps.append)
@@ -187,7 +188,8 @@ def test_openai_backend_gives_up_and_fails_fast_on_client_errors(chat_server):
     no_label = SourceRecord("r2", [], {"morphology": "x"}, None)
     server = chat_server([(200, json.dumps({"pairs": [{"kind": "diagnosis", "question": "q", "answer": "Most likely melanoma."}]}))] * 2)
     with pytest.raises(SynthError, match="although no diagnosis was given"):
-        OpenAIBackend(OpenAIConfig(url=server.url, model="m", max_retries=1, backoff_s=0, rpm=0), sleep=lambda s: None).generate(no_label, ("diagnosis",))
+        config = OpenAIConfig(url=server.url, model="m", max_retries=1, backoff_s=0, rpm=0)
+        OpenAIBackend(config, sleep=lambda s: None).generate(no_label, ("diagnosis",))
 
 
 def test_openai_rate_limit_spaces_requests(chat_server):

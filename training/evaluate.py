@@ -227,7 +227,6 @@ def store_heldout_examples(settings, *, out=None) -> list[Example]:
 
     from annotation_db import store as st
     from annotation_db.db import Store
-
     from core.images import image_path
 
     db = Store.open(settings.db_url)

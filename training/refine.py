@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--rollback", metavar="VERSION", help="make an earlier version active again")
     actions.add_argument("--dry-run", action="store_true", help="print the data counts and exit")
     actions.add_argument("--resume", nargs="?", const="latest", metavar="RUN", help="continue a killed run (default: the latest)")
-    actions.add_argument("--force", action="store_true", help="promote even if the gate says no, or roll back to a version the gate rejected (recorded as forced)")
+    actions.add_argument("--force", action="store_true",
+                         help="promote even if the gate says no (or without it when nothing is held out), or roll back "
+                              "to a version the gate rejected (recorded as forced)")
     actions.add_argument("--every", metavar="INTERVAL", help="repeat forever, e.g. 30m, 6h, 1d")
     actions.add_argument("--config", metavar="FILE", help="YAML/JSON refine settings (flags override)")
     actions.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -285,7 +287,6 @@ def run_refine(
         mp = "bf16" if (torch.cuda.is_available() and not cpu) else "no"
     accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
     main = accelerator.is_main_process
-    runs_dir = settings.runs_dir
     payload: list[Any] = [None]
     db = _open_store(settings) if main else None
     owner = f"refine@{socket.gethostname()}:{os.getpid()}"
@@ -324,7 +325,7 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
              explicit_model: bool, force: bool, out: Callable[[str], None]) -> dict[str, Any]:
     """Main process: lock, data, run record. Returns the message broadcast to every process."""
     from annotation_db import store as st
-    from training.refine_data import DataPlan, build_plan
+    from training.refine_data import build_plan
 
     runs_dir = settings.runs_dir
     if dry_run:
@@ -506,7 +507,6 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
                        adapter_dir: Path, *, force: bool, progress: bool, device: str,
                        out: Callable[[str], None]) -> Outcome:
     from annotation_db import store as st
-    from core.config import GenerationSettings
     from core.engine import Engine
     from core.errors import ModelLoadError
     from core.models import load_model

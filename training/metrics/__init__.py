@@ -98,7 +98,7 @@ def compute_all(
             except (OSError, ValueError, ImportError) as e:
                 raise MetricError(f"BERTScore encoder {bertscore_model or 'default'} cannot be loaded ({e})") from None
         elif name == "diagnosis":
-            labs = [l or "" for l in (labels or [None] * len(predictions))]
+            labs = [label or "" for label in (labels or [None] * len(predictions))]
             syn = {**default_synonyms(), **(synonyms or {})}
             out[name] = m.compute(predictions=predictions, references=labs, synonyms=syn)
         elif name == "repetition":
