@@ -191,6 +191,9 @@ def test_oversized_context_fields_and_ratings_are_refused_with_a_message(api_app
     (1.5, 3, "turn id must be a positive whole number"),
     (1, 2.5, "score must be a whole number from 1 to 5"),
     (-1, 3, "turn id must be a positive whole number"),
+    ("abc", 3, "turn id must be a number, not 'abc'"),
+    (1, "x", "score must be a number from 1 to 5, not 'x'"),
+    ([1], 3, "turn id must be a number"),
 ])
 def test_rate_takes_whole_numbers_only(api_app, tmp_path, turn_id, score, match):
     from gradio_client import Client, handle_file
