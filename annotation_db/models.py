@@ -58,6 +58,10 @@ class Role(str, enum.Enum):
     admin = "admin"
 
 
+ROLES = tuple(r.value for r in Role)  # the one list of roles: the store, the app and refine use it
+RATER_ROLES = (Role.expert.value, Role.admin.value)  # whose full ratings are expert reviews (admins review as experts)
+
+
 class TurnStatus(str, enum.Enum):
     complete = "complete"
     stopped = "stopped"

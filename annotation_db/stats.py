@@ -16,7 +16,7 @@ import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import ModelVersion, Rating, RatingKind, Role, Turn, User
+from .models import RATER_ROLES, ModelVersion, Rating, RatingKind, Role, Turn, User
 
 STAT_COLUMNS = ["version", "version_id", "status", "answers", "rated_answers", "ratings",
                 "mean_score", "share_corrected", "share_unsafe", "share_hallucination",
@@ -91,7 +91,7 @@ def stats_over_time(s: Session, freq: str = "W") -> pd.DataFrame:
     return pd.DataFrame(out)[cols]
 
 
-def agreement(s: Session, roles=("expert", "admin")) -> dict:
+def agreement(s: Session, roles=RATER_ROLES) -> dict:
     """Inter-rater agreement on turns with two or more effective full ratings by `roles`."""
     import krippendorff
     from rapidfuzz import fuzz

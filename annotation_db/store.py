@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, aliased
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
 from .errors import InvalidInput, NotFound
 from .models import (
+    RATER_ROLES,
     Conversation,
     ConversationImage,
     Flag,
@@ -45,7 +46,7 @@ from .models import (
 # ---------------------------------------------------------------- users, images
 
 
-EXPERT_ROLES = (Role.expert, Role.admin)  # whose full ratings count as expert reviews
+EXPERT_ROLES = tuple(Role(r) for r in RATER_ROLES)  # whose full ratings count as expert reviews
 MAX_CORRECTION_CHARS = 8000  # a corrected answer: several times the longest answer the model may give
 MAX_COMMENT_CHARS = 4000
 
@@ -464,7 +465,7 @@ def _effective(roles: Sequence[Role], turn_ids: Sequence[int] | None = None):
 
 
 def gold_pairs(s: Session, *, accept_threshold: float = 4.0,
-               roles: Sequence[str] = ("expert", "admin"), since_version_id: int | None = None) -> GoldResult:
+               roles: Sequence[str] = RATER_ROLES, since_version_id: int | None = None) -> GoldResult:
     """Resolve the effective expert ratings of every turn into one training target.
 
     A correction wins (the most recent if experts disagree: reported as a conflict,

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("clinician", "expert", "admin")
-RATERS = ("expert", "admin")  # may submit full ratings and use the Review tab
+from annotation_db.models import RATER_ROLES as RATERS  # may submit full ratings and use the Review tab
+from annotation_db.models import ROLES
 
 
 class AuthError(Exception):

@@ -163,3 +163,13 @@ def test_spaces_front_matter_enables_hugging_face_sign_in_the_app_uses():
     uses_login_button = "LoginButton" in "".join(p.read_text() for p in (ROOT / "demo").glob("*.py"))
     assert uses_login_button, "the app no longer offers Hugging Face sign-in: drop hf_oauth too"
     assert front_matter().get("hf_oauth") is True, "gr.LoginButton needs `hf_oauth: true` in the Space's front matter"
+
+
+def test_console_scripts_point_at_the_python_m_entry_points():
+    import importlib
+
+    scripts = pyproject()["scripts"]
+    assert {"dermaloop-app", "dermaloop-refine"} <= set(scripts)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name

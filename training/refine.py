@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
+from annotation_db.models import RATER_ROLES
 from core.config import Settings, add_settings_args, settings_from_args
 from core.errors import DermaLoopError
 from training.errors import TrainingError
@@ -59,7 +60,7 @@ class RefineConfig:
     supervision: str = "qa"  # qa | caption | qa+caption (synthetic data; gold pairs are always QA)
     gold_holdout: float = 0.2  # share of gold images held out (the store's frozen split); 0 = train on every gold pair
     accept_threshold: float = 4.0  # an uncorrected answer with this mean score or more is gold
-    roles: list[str] = field(default_factory=lambda: ["expert", "admin"])  # rater roles whose ratings count (admins review as experts); repeatable
+    roles: list[str] = field(default_factory=lambda: list(RATER_ROLES))  # rater roles whose ratings count; repeatable
     min_new: int = 1  # fewer new gold training pairs than this: exit 0 without training
     # model
     method: str = "sft"  # sft (answer tokens) | dpo (TRL, preference pairs: chosen = correction)
