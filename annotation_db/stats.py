@@ -24,14 +24,15 @@ STAT_COLUMNS = ["version", "version_id", "status", "answers", "rated_answers", "
 
 
 def _effective_frame(s: Session) -> pd.DataFrame:
-    latest = select(func.max(Rating.id)).group_by(Rating.turn_id, Rating.rater_id, Rating.kind)
+    from .store import is_effective
+
     rows = s.execute(
         select(Rating.id, Rating.turn_id, Rating.rater_id, Rating.score, Rating.correction,
                Rating.diagnosis, Rating.flags, Rating.kind, Rating.created_at,
                Turn.model_version_id, User.role)
         .join(Turn, Turn.id == Rating.turn_id)
         .join(User, User.id == Rating.rater_id)
-        .where(Rating.id.in_(latest))
+        .where(is_effective())
     ).all()
     df = pd.DataFrame(rows, columns=["rating_id", "turn_id", "rater_id", "score", "correction",
                                      "diagnosis", "flags", "kind", "created_at", "model_version_id",

@@ -321,13 +321,21 @@ def add_rating(
     return rating
 
 
+def is_effective(rating: type[Rating] = Rating):
+    """The one definition of an effective rating, as a SQL condition: no later rating of the same kind by
+    the same rater on the same turn (ratings are append-only; the latest counts). One probe of the
+    (turn_id, rater_id, id) index per rating."""
+    later = aliased(Rating)
+    return ~select(later.id).where(later.turn_id == rating.turn_id, later.rater_id == rating.rater_id,
+                                   later.kind == rating.kind, later.id > rating.id).exists()
+
+
 def effective_ratings(s: Session, turn_id: int, *, kind: str | None = "full") -> list[Rating]:
     """The latest rating of each rater on a turn (the ones that count)."""
-    latest = select(func.max(Rating.id)).where(Rating.turn_id == turn_id)
+    q = select(Rating).where(Rating.turn_id == turn_id, is_effective())
     if kind is not None:
-        latest = latest.where(Rating.kind == RatingKind(kind))
-    latest = latest.group_by(Rating.rater_id)
-    return list(s.scalars(select(Rating).where(Rating.id.in_(latest)).order_by(Rating.id)))
+        q = q.where(Rating.kind == RatingKind(kind))
+    return list(s.scalars(q.order_by(Rating.id)))
 
 
 # ------------------------------------------------------------------ review queue
@@ -448,18 +456,11 @@ class GoldResult:
 
 
 def _effective(roles: Sequence[Role], turn_ids: Sequence[int] | None = None):
-    """The effective ratings: each rater's latest full rating per turn, raters in `roles`.
-
-    "No later full rating by the same rater on the turn": one probe of the
-    (turn_id, rater_id, id) index per rating, in turn order, so no sort is needed.
-    """
-    later = aliased(Rating)
+    """The effective full ratings (`is_effective`) of raters in `roles`, in turn order (no sort needed)."""
     q = (
         select(Rating.turn_id, Rating.id, Rating.score, Rating.correction)
         .join(User, User.id == Rating.rater_id)
-        .where(Rating.kind == RatingKind.full, User.role.in_(roles))
-        .where(~select(later.id).where(later.turn_id == Rating.turn_id, later.rater_id == Rating.rater_id,
-                                       later.kind == RatingKind.full, later.id > Rating.id).exists())
+        .where(Rating.kind == RatingKind.full, User.role.in_(roles), is_effective())
     )
     return q if turn_ids is None else q.where(Rating.turn_id.in_(turn_ids))
 
