@@ -241,7 +241,7 @@ def test_refine_every_logs_failures_backs_off_and_keeps_going(monkeypatch, derma
         calls.append(1)
         if len(calls) <= 3:
             raise TrainingError(f"store away (try {len(calls)})")
-        return refine.Outcome("skipped", "refine: nothing to do")
+        return refine.Outcome(refine.Status.skipped, "refine: nothing to do")
 
     def sleep(s):
         sleeps.append(s)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -198,9 +199,20 @@ def parse_interval(text: str) -> float:
 # ------------------------------------------------------------------------ outcome
 
 
+class Status(str, enum.Enum):
+    """How a refine command ended (a str, so it also compares equal to its value)."""
+
+    promoted = "promoted"
+    rejected = "rejected"
+    skipped = "skipped"  # too little new, nothing to train on
+    dry_run = "dry-run"
+    busy = "busy"  # another refine holds the lock
+    worker = "worker"  # an accelerate process other than the main one: the main one reports
+
+
 @dataclass
 class Outcome:
-    status: str  # promoted | rejected | skipped | dry-run | busy | worker (an accelerate process other than the main one)
+    status: Status
     summary: str  # the one line printed on stdout
     version: str | None = None
     run_id: str | None = None
@@ -306,13 +318,13 @@ def run_refine(
         if plan_msg["status"] == "error":
             raise TrainingError(plan_msg["summary"])
         if plan_msg["status"] != "train":
-            return Outcome(plan_msg["status"], plan_msg["summary"], report=plan_msg.get("report", {}))
+            return Outcome(Status(plan_msg["status"]), plan_msg["summary"], report=plan_msg.get("report", {}))
         run_dir = Path(plan_msg["run_dir"])
         cfg = RefineConfig.from_dict(_read_json(run_dir / "config.json")["refine"])
         result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan_msg, progress=progress, out=out)
         accelerator.wait_for_everyone()
         if not main:
-            return Outcome("worker", "worker process done", run_id=run_dir.name, run_dir=run_dir)
+            return Outcome(Status.worker, "worker process done", run_id=run_dir.name, run_dir=run_dir)
         return _gate_and_register(db, settings, cfg, run_dir, plan_msg, result, adapter_dir, force=force,
                                   progress=progress, device=str(accelerator.device), out=out)
     finally:
@@ -626,7 +638,7 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
     summary = (f"refine: {name} {report['outcome']}{' (forced)' if decision.forced else ''}: {decision.reason}; "
                f"{plan.counts['train_examples']} examples, {result.steps} steps, loss {_f(result.final_loss)}; "
                f"run {run_dir.name}")
-    return Outcome(report["outcome"], summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)
+    return Outcome(Status(report["outcome"]), summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)
 
 
 def _dpo_rating_ids(plan: Any) -> list[int]:
@@ -732,10 +744,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(wait)
                 continue
             failures = 0
-            if outcome.status != "worker":
+            if outcome.status is not Status.worker:
                 print(outcome.summary, flush=True)
             if interval is None:
-                return EXIT_BUSY if outcome.status == "busy" else 0
+                return EXIT_BUSY if outcome.status is Status.busy else 0
             args.resume = None
             time.sleep(interval)
     except KeyboardInterrupt:
