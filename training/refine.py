@@ -210,6 +210,18 @@ class Status(str, enum.Enum):
     worker = "worker"  # an accelerate process other than the main one: the main one reports
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What the main process decided and every process trains from (broadcast under accelerate)."""
+
+    run_dir: Path
+    base: str  # the base model the candidate is trained on
+    init_from: str | None  # the adapter it continues, if any
+    parent: int | None  # the store id of the version it continues
+    store_run_id: int
+    resume: bool
+
+
 @dataclass
 class Outcome:
     status: Status
@@ -309,23 +321,23 @@ def run_refine(
                 payload[0] = _prepare(db, settings, cfg, owner, resume=resume, dry_run=dry_run,
                                       explicit_model=explicit_model, force=force, out=out)
             except LockHeld as e:
-                payload[0] = {"status": "busy", "summary": f"refine: another refine is running ({e})"}
+                payload[0] = Outcome(Status.busy, f"refine: another refine is running ({e})")
             except DermaLoopError as e:
-                payload[0] = {"status": "error", "summary": str(e)}
+                payload[0] = str(e)  # raised in every process below
         if accelerator.num_processes > 1:
             broadcast_object_list(payload, from_process=0)
-        plan_msg = payload[0]
-        if plan_msg["status"] == "error":
-            raise TrainingError(plan_msg["summary"])
-        if plan_msg["status"] != "train":
-            return Outcome(Status(plan_msg["status"]), plan_msg["summary"], report=plan_msg.get("report", {}))
-        run_dir = Path(plan_msg["run_dir"])
+        plan: RunPlan | Outcome | str = payload[0]
+        if isinstance(plan, str):
+            raise TrainingError(plan)
+        if isinstance(plan, Outcome):
+            return plan
+        run_dir = plan.run_dir
         cfg = RefineConfig.from_dict(_read_json(run_dir / "config.json")["refine"])
-        result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan_msg, progress=progress, out=out)
+        result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan, progress=progress, out=out)
         accelerator.wait_for_everyone()
         if not main:
             return Outcome(Status.worker, "worker process done", run_id=run_dir.name, run_dir=run_dir)
-        return _gate_and_register(db, settings, cfg, run_dir, plan_msg, result, adapter_dir, force=force,
+        return _gate_and_register(db, settings, cfg, run_dir, plan, result, adapter_dir, force=force,
                                   progress=progress, device=str(accelerator.device), out=out)
     finally:
         if db is not None:
@@ -335,8 +347,8 @@ def run_refine(
 
 
 def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resume: str | None, dry_run: bool,
-             explicit_model: bool, force: bool, out: Callable[[str], None]) -> dict[str, Any]:
-    """Main process: lock, data, run record. Returns the message broadcast to every process."""
+             explicit_model: bool, force: bool, out: Callable[[str], None]) -> RunPlan | Outcome:
+    """Main process: lock, data, run record. Returns what every process trains from, or how it ended."""
     from annotation_db import store as st
     from training.refine_data import build_plan
 
@@ -349,8 +361,8 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
         plan = build_plan(db, cfg, images_dir=settings.images_dir, active_version_id=active_id, dry_run=True)
         lines = [f"{k}: {v}" for k, v in plan.counts.items()]
         note = _text_only_note(plan)
-        return {"status": "dry-run", "summary": "dry run: " + "; ".join(lines) + (f"\n{note}" if note else ""),
-                "report": {"counts": plan.counts}}
+        return Outcome(Status.dry_run, "dry run: " + "; ".join(lines) + (f"\n{note}" if note else ""),
+                       report={"counts": plan.counts})
     with db.session() as s:
         st.acquire_lock(s, LOCK_NAME, owner, os.getpid(), socket.gethostname())
     try:
@@ -377,23 +389,23 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
                     raise TrainingError(f"run {run_dir.name} is {state.get('status')}; only an interrupted run can be resumed")
                 saved = _read_json(run_dir / "config.json")
                 out(f"refine: resuming run {run_dir.name}")
-                return {"status": "train", "run_dir": str(run_dir), "base": saved["base_model"], "init_from": saved["init_from"],
-                        "parent": saved["parent"], "active": active_info, "store_run_id": state["store_run_id"], "resume": True}
+                return RunPlan(run_dir, saved["base_model"], saved["init_from"], saved["parent"], state["store_run_id"],
+                               resume=True)
             assert plan is not None
             note = _text_only_note(plan)
             if note:
                 out(note)
             if cfg.min_new and plan.new_gold < cfg.min_new:
                 s.rollback()
-                return {"status": "skipped", "summary": (
+                return Outcome(Status.skipped, (
                     f"refine: nothing to do: {plan.new_gold} new gold pair(s) since "
-                    f"{active.name if active else 'the start'}, fewer than --min-new {cfg.min_new}")}
+                    f"{active.name if active else 'the start'}, fewer than --min-new {cfg.min_new}"))
             if cfg.method == "dpo" and not [p for p in plan.preference_pairs if not p["heldout"]]:
                 s.rollback()
-                return {"status": "skipped", "summary": "refine: --method dpo needs preference pairs (corrections); none yet"}
+                return Outcome(Status.skipped, "refine: --method dpo needs preference pairs (corrections); none yet")
             if cfg.method == "sft" and not plan.train:
                 s.rollback()
-                return {"status": "skipped", "summary": "refine: nothing to train on: no gold pairs and no --synthetic data"}
+                return Outcome(Status.skipped, "refine: nothing to train on: no gold pairs and no --synthetic data")
             if not plan.heldout and not force:  # --force promotes without the gate: recorded as ungated
                 raise TrainingError("no held-out examples for the gate: raise --gold-holdout, or give --synthetic "
                                     "data with --synthetic-holdout > 0 or --synthetic-eval")
@@ -417,9 +429,7 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
             out(f"refine: run {run_dir.name}: {plan.counts['train_examples']} training examples "
                 f"({plan.counts['gold_train']} gold, {plan.counts['synthetic_used']} synthetic), "
                 f"{plan.counts['eval_examples']} held out")
-            return {"status": "train", "run_dir": str(run_dir), "base": base, "init_from": init_from,
-                    "parent": active.id if continuing else None, "active": active_info, "store_run_id": run.id,
-                    "resume": False}
+            return RunPlan(run_dir, base, init_from, active.id if continuing else None, run.id, resume=False)
     except BaseException:
         with db.session() as s:
             st.release_lock(s, LOCK_NAME, owner)
@@ -441,7 +451,7 @@ def _loop_config(cfg: RefineConfig, n_train: int, world: int):
                       seed=cfg.seed, save_steps=cfg.save_steps, keep_checkpoints=cfg.keep_checkpoints)
 
 
-def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, msg: dict, *, progress: bool,
+def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, run: RunPlan, *, progress: bool,
            out: Callable[[str], None]):
     """Every process: load the base, attach LoRA, encode the plan's examples, train, save the adapter (main)."""
     import torch
@@ -455,20 +465,20 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Pat
 
     torch.manual_seed(cfg.seed)
     plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
-    loaded = load_model(msg["base"], device=str(accelerator.device), dtype=settings.dtype,
+    loaded = load_model(run.base, device=str(accelerator.device), dtype=settings.dtype,
                         image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
     engine = Engine(loaded, settings)  # for the prompt text only: training text is what the engine asks
     targets = [t for t in cfg.lora_targets.split(",") if t and not (cfg.method == "dpo" and t == "lm_head")]
     model = attach_lora(
         loaded.model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        vision=cfg.lora_vision, modules_to_save=[m for m in cfg.modules_to_save.split(",") if m], init_from=msg["init_from"],
+        vision=cfg.lora_vision, modules_to_save=[m for m in cfg.modules_to_save.split(",") if m], init_from=run.init_from,
     )
     pad_id = loaded.processor.tokenizer.pad_token_id
     if cfg.method == "dpo":
         from training.refine_dpo import train_dpo
 
         result = train_dpo(model, loaded.processor, engine, plan, cfg, run_dir=run_dir, accelerator=accelerator,
-                           resume=msg["resume"], progress=progress)
+                           resume=run.resume, progress=progress)
     else:
         turns = supervised_turns(plan.train, cfg.supervision)
         cache: dict[str, Any] = {}
@@ -487,7 +497,7 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Pat
             out(f"refine: {len(features)} training turns ({cfg.supervision}), {too_long} too long, {loop.steps} steps "
                 f"on {accelerator.num_processes} process(es), device {accelerator.device}")
         result = train(model, features, loop, accelerator=accelerator, pad_id=pad_id, run_dir=run_dir,
-                       resume=msg["resume"], progress=progress)
+                       resume=run.resume, progress=progress)
         result.extra.update(turns=len(features), too_long=too_long)
     adapter_dir = run_dir / "adapter"
     accelerator.wait_for_everyone()
@@ -516,7 +526,7 @@ def _load(path: str):
     return load_image(path)
 
 
-def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, msg: dict, result: Any,
+def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, run: RunPlan, result: Any,
                        adapter_dir: Path, *, force: bool, progress: bool, device: str,
                        out: Callable[[str], None]) -> Outcome:
     from annotation_db import store as st
@@ -542,7 +552,7 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
                                               longest_edge=settings.longest_edge), settings)
         return engines[base]
 
-    cand_engine = engine_for(msg["base"])
+    cand_engine = engine_for(run.base)
     cand_engine.add_adapter("candidate", adapter_dir)
     active_name = active_info["name"] if active_info else "base"
     if not plan.heldout:  # only with --force (_prepare refuses otherwise)
@@ -575,7 +585,7 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
     training = {"steps": result.steps, "losses": result.losses, "examples_per_s": result.examples_per_s,
                 "seconds": result.seconds, "final_loss": result.final_loss, "resumed_from": result.resumed_from, **result.extra}
     report: dict[str, Any] = {
-        "run_id": run_dir.name, "base_model": msg["base"], "init_from": msg["init_from"], "method": cfg.method,
+        "run_id": run_dir.name, "base_model": run.base, "init_from": run.init_from, "method": cfg.method,
         "active_version": active_name, "counts": plan.counts, "training": training,
         "metrics_candidate": metrics_c, "metrics_active": metrics_a, "decision": decision.to_dict(),
         "config": cfg.to_dict(),
@@ -602,25 +612,25 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter_dir, tmp)
             card = model_card(
-                version=name, base_model=msg["base"], parent=active_name if msg["init_from"] else None, status=status,
+                version=name, base_model=run.base, parent=active_name if run.init_from else None, status=status,
                 decision=decision.to_dict(), counts=plan.counts, config=cfg.to_dict(), metrics_candidate=metrics_c,
                 metrics_active=metrics_a, active_name=active_name, run_id=run_dir.name, eval_n=len(plan.heldout),
                 offline_demo=settings.offline_demo,
             )
             (tmp / "README.md").write_text(card, encoding="utf-8")
-            _write_json(tmp / "refine_config.json", {"refine": cfg.to_dict(), "base_model": msg["base"],
-                                                     "init_from": msg["init_from"], "run_id": run_dir.name})
+            _write_json(tmp / "refine_config.json", {"refine": cfg.to_dict(), "base_model": run.base,
+                                                     "init_from": run.init_from, "run_id": run_dir.name})
             if plan.heldout:
                 rep_c.save(tmp / "eval")
             os.replace(tmp, final)
-            st.finish_training_run(s, msg["store_run_id"], status="completed", counts=plan.counts,
+            st.finish_training_run(s, run.store_run_id, status="completed", counts=plan.counts,
                                    rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_rating_ids(plan),
                                    synthetic_ids=plan.synthetic_ids if cfg.method == "sft" else [],
                                    report=_json_safe({k: v for k, v in report.items() if k != "config"}))
             metrics_record = {"candidate": metrics_c, "active": metrics_a, "compared_with": active_name,
                               "eval_n": len(plan.heldout), "decision": decision.to_dict()}
-            v = st.register_version(s, base_model=msg["base"], adapter_path=str(final.resolve()),
-                                    parent_id=msg["parent"], training_run_id=msg["store_run_id"],
+            v = st.register_version(s, base_model=run.base, adapter_path=str(final.resolve()),
+                                    parent_id=run.parent, training_run_id=run.store_run_id,
                                     metrics=_json_safe(metrics_record), note=f"refine run {run_dir.name}")
             assert v.name == name, (v.name, name)
             if decision.promote:
