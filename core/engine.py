@@ -271,61 +271,45 @@ class Engine:
             start = time.perf_counter()
             out = self._generate(**inputs, **self._generate_kwargs(gen), streamer=streamer, stopping_criteria=criteria)
             latency = time.perf_counter() - start
-        new = out[0, prompt_tokens:]
         stopped = stop is not None and stop.is_set()
-        return Answer(
-            text=self._decode(new),
-            version=version,
-            status="stopped" if stopped else "complete",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=int((new != self.processor.tokenizer.pad_token_id).sum()),
-            ttft_s=(first[0] - start) if first else None,
-            latency_s=latency,
-            generation=gen.to_dict(),
-            template=template,
-        )
+        return self._answer(out[0, prompt_tokens:], version=version, status="stopped" if stopped else "complete",
+                            prompt_tokens=prompt_tokens, ttft_s=(first[0] - start) if first else None,
+                            latency_s=latency, gen=gen, template=template)
+
+    def _answer(self, new: torch.Tensor, *, version: str, status: str, prompt_tokens: int, ttft_s: float | None,
+                latency_s: float, gen: GenerationSettings, template: str) -> Answer:
+        """An Answer from the generated token ids (the one place one is built)."""
+        return Answer(text=self._decode(new), version=version, status=status, prompt_tokens=prompt_tokens,
+                      completion_tokens=int((new != self.processor.tokenizer.pad_token_id).sum()), ttft_s=ttft_s,
+                      latency_s=latency_s, generation=gen.to_dict(), template=template)
 
     def answer_batch(
         self,
-        requests: Sequence[dict[str, Any]],
+        requests: Sequence[ChatTurn],
         *,
         generation: GenerationSettings | None = None,
         version: str | None = None,
         batch_size: int = 8,
     ) -> list[Answer]:
-        """Answer many single-turn requests ({images, question, context, template}) in padded batches."""
+        """Answer many single-turn requests (ChatTurns without answers) in padded batches."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
         answers: list[Answer] = []
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
-            turns = [
-                [ChatTurn(r["question"], None, list(r.get("images") or []), r.get("context"), r.get("template", "free"))]
-                for r in chunk
-            ]
-            inputs = self._encode(turns)
+            inputs = self._encode([[r] for r in chunk])
             with self._lock, torch.inference_mode():
                 self._activate(version)
                 start = time.perf_counter()
                 out = self._generate(**inputs, **self._generate_kwargs(gen))
                 latency = time.perf_counter() - start
             width = inputs["input_ids"].shape[1]
-            pad = self.processor.tokenizer.pad_token_id
-            for row, req in zip(range(out.shape[0]), chunk):
-                new = out[row, width:]
-                answers.append(
-                    Answer(
-                        text=self._decode(new),
-                        version=version,
-                        status="complete",
-                        prompt_tokens=int((inputs["attention_mask"][row]).sum()),
-                        completion_tokens=int((new != pad).sum()),
-                        ttft_s=None,
-                        latency_s=latency / len(chunk),
-                        generation=gen.to_dict(),
-                        template=req.get("template", "free"),
-                    )
-                )
+            answers += [
+                self._answer(out[row, width:], version=version, status="complete", ttft_s=None,
+                             prompt_tokens=int(inputs["attention_mask"][row].sum()), latency_s=latency / len(chunk),
+                             gen=gen, template=req.template)
+                for row, req in enumerate(chunk)
+            ]
         return answers
 
     # -- internals --------------------------------------------------------

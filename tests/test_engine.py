@@ -143,10 +143,12 @@ def test_concurrent_callers_are_serialised(tiny_engine):
 
 
 def test_batch_matches_single_answers(tiny_engine):
-    reqs = [{"images": [draw_lesion(colour=(30 * i, 90, 60))], "question": q, "context": None}
+    from core.prompts import ChatTurn
+
+    reqs = [ChatTurn(q, images=[draw_lesion(colour=(30 * i, 90, 60))])
             for i, q in enumerate(["Short?", "A somewhat longer question about the lesion?", "Size?"])]
     batch = tiny_engine.answer_batch(reqs, batch_size=2)
-    assert [a.text for a in batch] == [tiny_engine.answer(r["images"], r["question"]).text for r in reqs]
+    assert [a.text for a in batch] == [tiny_engine.answer(r.images, r.question).text for r in reqs]
 
 
 def test_llava_family_loads_and_answers(tiny_llava_dir):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import DermaLoopError
+from core.prompts import ChatTurn
 from training.data import FORMATS, Example, read_examples, report_problems
 from training.errors import DataError
 from training.metrics import METRICS, compute_all, parse_metrics
@@ -193,10 +194,7 @@ def evaluate_engine(
     with tqdm(total=len(examples), desc=f"evaluate {version or engine.default_version}", disable=not progress) as bar:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            requests = [
-                {"images": ex.load_images(), "question": ex.question, "context": ex.clinical_context(), "template": ex.template}
-                for ex in chunk
-            ]
+            requests = [ChatTurn(ex.question, None, ex.load_images(), ex.clinical_context(), ex.template) for ex in chunk]
             answers = engine.answer_batch(requests, generation=generation, version=version, batch_size=batch_size)
             predictions.extend(a.text for a in answers)
             tokens += sum(a.completion_tokens for a in answers)
