@@ -51,6 +51,9 @@ def _rating_controls(prefix: str) -> tuple:
     return score, correction, diagnosis, flags, comment
 
 
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}  # page events: not in the named API
+
+
 def build_demo(
     settings: Settings,
     engine: Any = None,
@@ -67,13 +70,11 @@ def build_demo(
         runtime = attach(settings, engine, store, options)
     auth = auth or AuthConfig.local(settings.local_user)
     ctx = Ctx(runtime, auth, options)
-    consult, review, insights = Consult(ctx), Review(ctx), Insights(ctx)
-    private: dict[str, Any] = {"api_visibility": "private"}
+    generate = {"concurrency_limit": options.concurrency, "concurrency_id": "generate"}
 
     # Gradio deletes this app's cached files (upload copies, exports) older than 6 h, checking hourly.
     with gr.Blocks(title="DermaLoop", delete_cache=(3600, 6 * 3600)) as demo:
-        # -- header: on every page ---------------------------------------------------
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True):  # the header, on every page
             gr.Markdown("# DermaLoop\nHuman-in-the-loop dermatology assistant: clinicians ask, experts correct, "
                         "the model learns.", elem_id="dl-title")
             who_md = gr.Markdown("", elem_id="dl-who")
@@ -82,154 +83,12 @@ def build_demo(
         gr.Markdown(NOTICE, elem_classes="dl-notice", elem_id="dl-notice")
         for i, notice in enumerate(runtime.notices):
             gr.Markdown(notice, elem_classes="dl-banner", elem_id=f"dl-banner-{i}")
-
         with gr.Tabs():
-            # -- Consult -------------------------------------------------------------------
-            with gr.Tab("Consult", id="consult"):
-                case = gr.State(Case())
-                with gr.Row():
-                    with gr.Column(scale=2, min_width=300):
-                        files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
-                                        file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
-                        template = gr.Dropdown([(TEMPLATE_LABELS.get(k, k), k) for k in TEMPLATES], value="free",
-                                               label="Prompt", elem_id="dl-template")
-                        with gr.Accordion("Clinical context (optional, applies to the whole case)", open=False):
-                            with gr.Row():
-                                age = gr.Number(label="Age (years)", minimum=0, maximum=130, precision=0)
-                                sex = gr.Dropdown(["", "female", "male", "other"], value="", label="Sex")
-                            body_site = gr.Textbox(label="Body site", placeholder="e.g. left forearm")
-                            duration = gr.Textbox(label="Duration", placeholder="e.g. 3 weeks")
-                            symptoms = gr.Textbox(label="Symptoms", placeholder="e.g. itching, bleeding")
-                            with gr.Row():
-                                fitzpatrick = gr.Dropdown(["", *FITZPATRICK], value="", label="Fitzpatrick type")
-                                modality = gr.Dropdown(["", *MODALITIES], value="", label="Image type")
-                    with gr.Column(scale=3, min_width=360):
-                        chatbot = gr.Chatbot(label="Consultation", height=420, elem_id="dl-chat", buttons=["copy"],
-                                             placeholder="Upload one or more images, then ask a question. "
-                                                         "Follow-up questions continue the same case.")
-                        question = gr.Textbox(label="Question", placeholder="e.g. What is this lesion and what should be done?",
-                                              lines=2, max_lines=8, elem_id="dl-question")
-                        with gr.Row():
-                            ask_btn = gr.Button("Ask", variant="primary", elem_id="dl-ask")
-                            stop_btn = gr.Button("Stop", variant="stop", elem_id="dl-stop")
-                            new_btn = gr.Button("New case", elem_id="dl-new")
-                context_fields = [age, sex, body_site, duration, symptoms, fitzpatrick, modality]
-                gr.Examples(
-                    [[[str(EXAMPLES_DIR / f)], q, *rest] for f, q, *rest in EXAMPLE_CASES],
-                    inputs=[files, question, *context_fields], label="Example cases (drawn phantoms, not patients)",
-                )
-                thumbs_hint = gr.Markdown("Use 👍 / 👎 under an answer to say whether it helped.", visible=True)
-                with gr.Accordion("Rate the latest answer (experts)", open=True, visible=False) as rate_box:
-                    c_score, c_correction, c_diagnosis, c_flags, c_comment = _rating_controls("consult")
-                    rate_btn = gr.Button("Save rating", variant="primary", elem_id="consult-save")
-                rate_status = gr.Markdown("", elem_id="consult-status", elem_classes="dl-saved")
-
-            # -- Review --------------------------------------------------------------------
-            with gr.Tab("Review", id="review") as review_tab:
-                r_state = gr.State(ReviewState())
-                refused = gr.Markdown("", visible=False, elem_id="review-refused")
-                with gr.Column(visible=False) as review_panel:
-                    with gr.Row(equal_height=True):
-                        counter = gr.Markdown("", elem_id="review-counter")
-                        blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
-                        reload_btn = gr.Button("Reload queue", size="sm", scale=0)
-                    with gr.Row():
-                        gallery = gr.Gallery(label="Images", height=300, columns=2, interactive=False, scale=2)
-                        with gr.Column(scale=3):
-                            r_context = gr.Markdown("", elem_id="review-context")
-                            r_question = gr.Markdown("", elem_id="review-question")
-                            r_answer = gr.Markdown("", elem_id="review-answer", container=True)
-                            r_version = gr.Markdown("", elem_id="review-version")
-                    r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
-                    with gr.Row():
-                        save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
-                        skip_btn = gr.Button("Skip", elem_id="review-skip")
-                    r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
-
-            # -- Insights ------------------------------------------------------------------
-            with gr.Tab("Insights", id="insights") as insights_tab:
-                with gr.Row(equal_height=True):
-                    summary = gr.Markdown("", elem_id="insights-summary")
-                    refresh_btn = gr.Button("Refresh", size="sm", scale=0)
-                with gr.Row():
-                    score_plot = gr.BarPlot(x="version", y="mean_score", y_lim=[0, 5], title="Mean expert score (1-5)",
-                                            x_title="model version", y_title="mean score")
-                    share_plot = gr.BarPlot(x="bar", y="share", color="measure", y_lim=[0, 1], sort=None,
-                                            title="Share of rated answers", x_title="model version and measure",
-                                            y_title="share")
-                with gr.Row():
-                    trend_plot = gr.ScatterPlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
-                                                title="Mean expert score per day", x_title="day", y_title="mean score")
-                    runs_plot = gr.ScatterPlot(x="run", y="value", color="series", title="Refinement gate: active vs candidate",
-                                               x_title="training run", y_title="gate metric (see table)")
-                table = gr.Dataframe(label="Per model version", interactive=False, elem_id="insights-table")
-                with gr.Row():
-                    agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
-                    versions = gr.Dataframe(label="Model versions", interactive=False)
-                runs = gr.Dataframe(label="Refine history (runs, decisions, metrics)", interactive=False)
-                with gr.Accordion("Export the store", open=False, visible=False) as export_box:
-                    with gr.Row():
-                        fmt = gr.Radio(list(EXPORT_FORMATS), value="csv", label="Format")
-                        export_btn = gr.Button("Export", scale=0)
-                    export_files = gr.File(label="Download", file_count="multiple", interactive=False)
-                with gr.Accordion("Roll back the model (admins)", open=False, visible=False) as rollback_box:
-                    with gr.Row():
-                        rb_version = gr.Dropdown([], label="Version to make active again")
-                        rb_reason = gr.Textbox(label="Reason")
-                        rb_btn = gr.Button("Roll back", variant="stop", scale=0)
-                    rb_status = gr.Markdown("")
-
-        # -- the named API (hidden components; documented in docs/api.md) ---------------------
-        with gr.Column(visible=False):
-            api_images = gr.File(file_count="multiple", type="filepath", label="images")
-            api_question = gr.Textbox(label="question")
-            api_context = gr.Textbox(label="context")
-            api_conversation = gr.Textbox(label="conversation_id")
-            api_answer = gr.Textbox(label="answer")
-            api_conv_out = gr.Number(label="conversation_id", precision=0)
-            api_turn_out = gr.Number(label="turn_id", precision=0)
-            api_version = gr.Textbox(label="model_version")
-            # No precision: Gradio would round 1.5 to 2 (another answer); parse_id/parse_score refuse it.
-            api_turn_in = gr.Number(label="turn_id")
-            api_score = gr.Number(label="score")
-            api_correction = gr.Textbox(label="correction")
-            api_diagnosis = gr.Textbox(label="diagnosis")
-            api_comment = gr.Textbox(label="comment")
-            api_rating = gr.Number(label="rating_id", precision=0)
-            api_ask_btn = gr.Button("ask")
-            api_rate_btn = gr.Button("rate")
-
-        # -- wiring ----------------------------------------------------------------------------
-        generate = {"concurrency_limit": options.concurrency, "concurrency_id": "generate"}
-        gr.on([ask_btn.click, question.submit], consult.ask,
-              inputs=[case, files, question, *context_fields, template],
-              outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **private)
-        stop_btn.click(consult.stop, None, None, queue=False, **private)
-        files.upload(consult.clean_uploads, [files], [files], queue=False, **private)
-        new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **private)
-        chatbot.like(consult.like, [case], [rate_status], **private)
-        rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],
-                       api_name="consult_rate", **private)
-
-        review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
-                      r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
-        review_tab.select(review.open, [r_state, blind], review_out, **private)
-        reload_btn.click(review.load, [r_state, blind], review_out, **private)
-        blind.change(review.load, [r_state, blind], review_out, **private)
-        save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
-                       review_out, **private)
-        skip_btn.click(review.skip, [r_state, blind], review_out, **private)
-
-        insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, runs_plot, versions, rb_version, summary]
-        insights_tab.select(insights.refresh, None, insights_out, **private)
-        refresh_btn.click(insights.refresh, None, insights_out, **private)
-        export_btn.click(insights.export, [fmt], [export_files], **private)
-        rb_btn.click(insights.rollback, [rb_version, rb_reason], [rb_status], **private)
-
-        api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
-                          [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
-        api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment],
-                           [api_rating], api_name="rate")
+            consult = Consult(ctx)  # one for the page and the API: Stop finds answers by user and session
+            rate_box, thumbs_hint = _consult_tab(consult, generate)
+            refused, review_panel = _review_tab(ctx)
+            export_box, rollback_box = _insights_tab(ctx)
+        _api(consult, generate)
 
         def on_load(request: gr.Request):
             """Show each person what their role allows (the handlers check again, server-side)."""
@@ -247,10 +106,168 @@ def build_demo(
                     gr.update(visible=not who.can_rate, value=refusal), gr.update(visible=who.can_rate),
                     gr.update(visible=who.can_rate), gr.update(visible=who.is_admin))
 
-        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box], **private)
+        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box], **PRIVATE)
     demo.queue(default_concurrency_limit=16)
     demo.dermaloop = ctx  # type: ignore[attr-defined]  # for tests and launch_kwargs
     return demo
+
+
+def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordion, gr.Markdown]:
+    """Consult: images, context, the chat, expert rating. Returns what on_load shows by role."""
+    settings = consult.ctx.settings
+    with gr.Tab("Consult", id="consult"):
+        case = gr.State(Case())
+        with gr.Row():
+            with gr.Column(scale=2, min_width=300):
+                files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
+                                file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
+                template = gr.Dropdown([(TEMPLATE_LABELS.get(k, k), k) for k in TEMPLATES], value="free",
+                                       label="Prompt", elem_id="dl-template")
+                with gr.Accordion("Clinical context (optional, applies to the whole case)", open=False):
+                    with gr.Row():
+                        age = gr.Number(label="Age (years)", minimum=0, maximum=130, precision=0)
+                        sex = gr.Dropdown(["", "female", "male", "other"], value="", label="Sex")
+                    body_site = gr.Textbox(label="Body site", placeholder="e.g. left forearm")
+                    duration = gr.Textbox(label="Duration", placeholder="e.g. 3 weeks")
+                    symptoms = gr.Textbox(label="Symptoms", placeholder="e.g. itching, bleeding")
+                    with gr.Row():
+                        fitzpatrick = gr.Dropdown(["", *FITZPATRICK], value="", label="Fitzpatrick type")
+                        modality = gr.Dropdown(["", *MODALITIES], value="", label="Image type")
+            with gr.Column(scale=3, min_width=360):
+                chatbot = gr.Chatbot(label="Consultation", height=420, elem_id="dl-chat", buttons=["copy"],
+                                     placeholder="Upload one or more images, then ask a question. "
+                                                 "Follow-up questions continue the same case.")
+                question = gr.Textbox(label="Question", placeholder="e.g. What is this lesion and what should be done?",
+                                      lines=2, max_lines=8, elem_id="dl-question")
+                with gr.Row():
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="dl-ask")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="dl-stop")
+                    new_btn = gr.Button("New case", elem_id="dl-new")
+        context_fields = [age, sex, body_site, duration, symptoms, fitzpatrick, modality]
+        gr.Examples(
+            [[[str(EXAMPLES_DIR / f)], q, *rest] for f, q, *rest in EXAMPLE_CASES],
+            inputs=[files, question, *context_fields], label="Example cases (drawn phantoms, not patients)",
+        )
+        thumbs_hint = gr.Markdown("Use 👍 / 👎 under an answer to say whether it helped.", visible=True)
+        with gr.Accordion("Rate the latest answer (experts)", open=True, visible=False) as rate_box:
+            c_score, c_correction, c_diagnosis, c_flags, c_comment = _rating_controls("consult")
+            rate_btn = gr.Button("Save rating", variant="primary", elem_id="consult-save")
+        rate_status = gr.Markdown("", elem_id="consult-status", elem_classes="dl-saved")
+
+    gr.on([ask_btn.click, question.submit], consult.ask,
+          inputs=[case, files, question, *context_fields, template],
+          outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
+    stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
+    files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)
+    new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **PRIVATE)
+    chatbot.like(consult.like, [case], [rate_status], **PRIVATE)
+    rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],
+                   api_name="consult_rate", **PRIVATE)
+    return rate_box, thumbs_hint
+
+
+def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
+    """Review: the experts' queue. Returns the refusal note and the panel, shown by role."""
+    review = Review(ctx)
+    with gr.Tab("Review", id="review") as review_tab:
+        r_state = gr.State(ReviewState())
+        refused = gr.Markdown("", visible=False, elem_id="review-refused")
+        with gr.Column(visible=False) as review_panel:
+            with gr.Row(equal_height=True):
+                counter = gr.Markdown("", elem_id="review-counter")
+                blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
+                reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+            with gr.Row():
+                gallery = gr.Gallery(label="Images", height=300, columns=2, interactive=False, scale=2)
+                with gr.Column(scale=3):
+                    r_context = gr.Markdown("", elem_id="review-context")
+                    r_question = gr.Markdown("", elem_id="review-question")
+                    r_answer = gr.Markdown("", elem_id="review-answer", container=True)
+                    r_version = gr.Markdown("", elem_id="review-version")
+            r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
+            with gr.Row():
+                save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
+                skip_btn = gr.Button("Skip", elem_id="review-skip")
+            r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+
+    review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
+                  r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
+    review_tab.select(review.open, [r_state, blind], review_out, **PRIVATE)
+    reload_btn.click(review.load, [r_state, blind], review_out, **PRIVATE)
+    blind.change(review.load, [r_state, blind], review_out, **PRIVATE)
+    save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
+                   review_out, **PRIVATE)
+    skip_btn.click(review.skip, [r_state, blind], review_out, **PRIVATE)
+    return refused, review_panel
+
+
+def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
+    """Insights: figures, tables, export, rollback. Returns the export and rollback boxes, shown by role."""
+    insights = Insights(ctx)
+    with gr.Tab("Insights", id="insights") as insights_tab:
+        with gr.Row(equal_height=True):
+            summary = gr.Markdown("", elem_id="insights-summary")
+            refresh_btn = gr.Button("Refresh", size="sm", scale=0)
+        with gr.Row():
+            score_plot = gr.BarPlot(x="version", y="mean_score", y_lim=[0, 5], title="Mean expert score (1-5)",
+                                    x_title="model version", y_title="mean score")
+            share_plot = gr.BarPlot(x="bar", y="share", color="measure", y_lim=[0, 1], sort=None,
+                                    title="Share of rated answers", x_title="model version and measure",
+                                    y_title="share")
+        with gr.Row():
+            trend_plot = gr.ScatterPlot(x="period", y="mean_score", color="version", y_lim=[0, 5],
+                                        title="Mean expert score per day", x_title="day", y_title="mean score")
+            runs_plot = gr.ScatterPlot(x="run", y="value", color="series", title="Refinement gate: active vs candidate",
+                                       x_title="training run", y_title="gate metric (see table)")
+        table = gr.Dataframe(label="Per model version", interactive=False, elem_id="insights-table")
+        with gr.Row():
+            agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
+            versions = gr.Dataframe(label="Model versions", interactive=False)
+        runs = gr.Dataframe(label="Refine history (runs, decisions, metrics)", interactive=False)
+        with gr.Accordion("Export the store", open=False, visible=False) as export_box:
+            with gr.Row():
+                fmt = gr.Radio(list(EXPORT_FORMATS), value="csv", label="Format")
+                export_btn = gr.Button("Export", scale=0)
+            export_files = gr.File(label="Download", file_count="multiple", interactive=False)
+        with gr.Accordion("Roll back the model (admins)", open=False, visible=False) as rollback_box:
+            with gr.Row():
+                rb_version = gr.Dropdown([], label="Version to make active again")
+                rb_reason = gr.Textbox(label="Reason")
+                rb_btn = gr.Button("Roll back", variant="stop", scale=0)
+            rb_status = gr.Markdown("")
+
+    insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, runs_plot, versions, rb_version, summary]
+    insights_tab.select(insights.refresh, None, insights_out, **PRIVATE)
+    refresh_btn.click(insights.refresh, None, insights_out, **PRIVATE)
+    export_btn.click(insights.export, [fmt], [export_files], **PRIVATE)
+    rb_btn.click(insights.rollback, [rb_version, rb_reason], [rb_status], **PRIVATE)
+    return export_box, rollback_box
+
+
+def _api(consult: Consult, generate: dict[str, Any]) -> None:
+    """The named API `/ask` and `/rate` (hidden components; documented in docs/api.md)."""
+    with gr.Column(visible=False):
+        api_images = gr.File(file_count="multiple", type="filepath", label="images")
+        api_question = gr.Textbox(label="question")
+        api_context = gr.Textbox(label="context")
+        api_conversation = gr.Textbox(label="conversation_id")
+        api_answer = gr.Textbox(label="answer")
+        api_conv_out = gr.Number(label="conversation_id", precision=0)
+        api_turn_out = gr.Number(label="turn_id", precision=0)
+        api_version = gr.Textbox(label="model_version")
+        # No precision: Gradio would round 1.5 to 2 (another answer); parse_id/parse_score refuse it.
+        api_turn_in = gr.Number(label="turn_id")
+        api_score = gr.Number(label="score")
+        api_correction = gr.Textbox(label="correction")
+        api_diagnosis = gr.Textbox(label="diagnosis")
+        api_comment = gr.Textbox(label="comment")
+        api_rating = gr.Number(label="rating_id", precision=0)
+        api_ask_btn = gr.Button("ask")
+        api_rate_btn = gr.Button("rate")
+    api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
+                      [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
+    api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment],
+                       [api_rating], api_name="rate")
 
 
 def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
