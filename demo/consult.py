@@ -19,7 +19,7 @@ import gradio as gr
 from annotation_db import store as st
 from annotation_db.errors import NotFound
 from core.errors import DermaLoopError, InputError
-from core.images import StoredImage, intake_many, load_stored, normalise
+from core.images import StoredImage, intake_many, load_stored
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
 from demo.common import Ctx, admit, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
@@ -91,6 +91,11 @@ def upload_folder() -> str:
     return get_upload_folder()
 
 
+def clean_folder() -> Path:
+    """Where the clean copies of page uploads lie (content-addressed, like the image store)."""
+    return Path(upload_folder()) / "dermaloop-clean"
+
+
 def upload_size(path: Any) -> int:
     try:
         return os.path.getsize(path)
@@ -104,7 +109,7 @@ def remove_upload(path: Any) -> None:
     if not isinstance(path, (str, os.PathLike)):
         return
     root, p = Path(upload_folder()).resolve(), Path(path).resolve()
-    if root not in p.parents or p.parent.name == "dermaloop-clean" or is_example_copy(p):
+    if root not in p.parents or clean_folder().resolve() in p.parents or is_example_copy(p):
         return
     p.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
@@ -136,28 +141,15 @@ class Consult:
     # -- shared by the page and the API ------------------------------------------
     def clean_uploads(self, files: Any, request: gr.Request) -> list[str] | None:
         """On upload: each file is replaced at once by its normalised pixels (no EXIF, GPS or other
-        metadata) under a neutral name (`<sha256>.png` in Gradio's upload folder), and the original,
-        kept by Gradio under the name it had on the clinician's disk, is deleted."""
+        metadata) under a neutral name (`<sha256>.png`, stored as the image store stores, in Gradio's
+        upload folder), and the original, kept by Gradio under the name it had on the clinician's disk,
+        is deleted."""
         paths = file_paths(files)
-        s = self.ctx.settings
         try:
             who = self.ctx.auth.identify(request)
             admit(self.ctx, who, request)
             self.ctx.limits.upload(who.name, [upload_size(p) for p in paths])
-            if len(paths) > s.max_images:
-                raise InputError(f"{len(paths)} images given; at most {s.max_images} per question")
-            clean_dir = Path(upload_folder()) / "dermaloop-clean"
-            clean_dir.mkdir(parents=True, exist_ok=True)
-            out = []
-            for path in paths:
-                image, sha = normalise(path, max_pixels=s.max_pixels, max_bytes=s.max_upload_bytes)
-                target = clean_dir / f"{sha}.png"
-                if not target.exists():
-                    tmp = clean_dir / f".{sha}.{os.getpid()}.tmp"
-                    image.save(tmp, format="PNG")
-                    os.replace(tmp, target)
-                out.append(str(target))
-            return out
+            return [str(img.path) for img in self._intake(paths, clean_folder())]
         except (DermaLoopError, Denied, OSError) as e:
             gr.Warning(f"the upload could not be read ({e})" if isinstance(e, OSError) else str(e))
             return None
@@ -165,9 +157,9 @@ class Consult:
             for path in paths:
                 remove_upload(path)
 
-    def _intake(self, files: Any) -> list[StoredImage]:
+    def _intake(self, files: Any, into: Path | None = None) -> list[StoredImage]:
         s = self.ctx.settings
-        return intake_many(file_paths(files), s.images_dir, max_images=s.max_images, max_pixels=s.max_pixels,
+        return intake_many(file_paths(files), into or s.images_dir, max_images=s.max_images, max_pixels=s.max_pixels,
                            max_bytes=s.max_upload_bytes)
 
     def _history(self, turns: list[PastTurn], context: ClinicalContext) -> list[ChatTurn]:

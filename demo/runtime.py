@@ -58,6 +58,7 @@ class Runtime:
     notices: list[str] = field(default_factory=list)  # shown on every page (offline, no persistent storage...)
     poll_s: float = 3.0
     stream_fn: Callable[..., Iterator[Any]] | None = None  # ZeroGPU: generation inside spaces.GPU
+    housekeeping: threading.Thread | None = None  # start-up clean-up running in the background
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -208,15 +209,15 @@ def start(
     the store has no active version), serve the active version; the offline demo when asked for
     (`settings.offline_demo`) or when a store without versions cannot load its model."""
     options = options or DemoOptions()
+    demo_kwargs = dict(adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
+    if settings.offline_demo:
+        return _start_demo(settings, options, **demo_kwargs)
     store = Store.open(settings.db_url, migrate=True)
     try:
         with store.session() as s:
             versions = st.list_versions(s)
             active = st.active_version(s)
             active_info = None if active is None else (active.name, active.base_model, active.adapter_path)
-        if settings.offline_demo:
-            store.dispose()
-            return _start_demo(settings, options, adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
         if active_info is not None and not explicit_model:
             settings = settings.replace(model=active_info[1])
         try:
@@ -226,14 +227,17 @@ def start(
                 if active_info is None:
                     raise
                 raise ModelLoadError(cannot_serve(*active_info, e)) from None
+            from training.demo_model import demo_settings
+
             progress(f"{e}\nThe store has no model versions yet, so the offline demonstration model is used "
-                     f"(built once, then cached; its data is kept apart under {settings.home / 'offline-demo'}).")
+                     f"(built once, then cached; its data is kept apart under {demo_settings(settings).home}).")
             store.dispose()
-            return _start_demo(settings, options, adapter=adapter, notices=notices, zerogpu=zerogpu, progress=progress)
+            return _start_demo(settings, options, **demo_kwargs)
         runtime = attach(settings, engine, store, options, adapter=adapter, notices=notices, zerogpu=zerogpu)
-        removed = remove_orphan_images(store, settings.images_dir)
-        if removed:
-            log.info("removed %d stored image(s) that no answer refers to", removed)
+        # Housekeeping off the start path: listing the image store grows with it.
+        runtime.housekeeping = threading.Thread(target=remove_orphan_images, args=(store, settings.images_dir),
+                                                name="dermaloop-orphan-images", daemon=True)
+        runtime.housekeeping.start()
         return runtime
     except BaseException:
         store.dispose()
@@ -246,15 +250,22 @@ ORPHAN_AGE_S = 3600.0  # an image file this old with no row was left by an answe
 def remove_orphan_images(store: Store, images_dir: Path, older_than_s: float = ORPHAN_AGE_S) -> int:
     """Delete stored image files that no image row refers to (an answer killed between storing its
     images and recording its turn); recent ones may belong to an answer under way, so they stay."""
-    now = time.time()
-    files = {p.stem: p for p in Path(images_dir).glob("*/*.png") if now - p.stat().st_mtime > older_than_s}
-    if not files:
+    try:
+        now = time.time()
+        files = {p.stem: p for p in Path(images_dir).glob("*/*.png") if now - p.stat().st_mtime > older_than_s}
+        if not files:
+            return 0
+        with store.session() as s:
+            known = st.known_image_hashes(s, files)
+        orphans = set(files) - known
+        for sha in orphans:
+            files[sha].unlink(missing_ok=True)
+    except (StoreError, OSError) as e:  # housekeeping: try again at the next start
+        log.warning("could not look for orphan images: %s", e)
         return 0
-    with store.session() as s:
-        known = st.known_image_hashes(s, files)
-    for sha in set(files) - known:
-        files[sha].unlink(missing_ok=True)
-    return len(set(files) - known)
+    if orphans:
+        log.info("removed %d stored image(s) that no answer refers to", len(orphans))
+    return len(orphans)
 
 
 def _start_demo(settings: Settings, options: DemoOptions, *, progress: Callable[[str], None], **kwargs: Any) -> Runtime:

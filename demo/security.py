@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import anyio
@@ -187,13 +188,11 @@ def sweep_uploads(uploaded: set[str], max_age_s: float = UPLOAD_MAX_AGE_S, now: 
         try:
             if now - path.stat().st_mtime <= max_age_s:
                 continue
-            if is_example_copy(path):
-                uploaded.discard(name)
-                continue
-            path.unlink()
-            removed += 1
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # Gradio's folder for it, when empty
+            if not is_example_copy(path):
+                path.unlink()
+                removed += 1
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # Gradio's folder for it, when empty
         except FileNotFoundError:
             pass
         uploaded.discard(name)
@@ -330,7 +329,7 @@ class ExportGuard:
             cookie_id = getattr(gradio_app, "cookie_id", "")
             token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
                 f"access-token-unsecure-{cookie_id}")
-            request = type("R", (), {"username": getattr(gradio_app, "tokens", {}).get(token)})()
+            request = SimpleNamespace(username=getattr(gradio_app, "tokens", {}).get(token))
         try:
             who = self.auth.identify(request)
         except Denied:

@@ -333,11 +333,11 @@ def run_refine(
             return plan
         run_dir = plan.run_dir
         cfg = RefineConfig.from_dict(_read_json(run_dir / "config.json")["refine"])
-        result, adapter_dir = _train(accelerator, settings, cfg, run_dir, plan, progress=progress, out=out)
+        result, adapter_dir = _train(accelerator, settings, cfg, plan, progress=progress, out=out)
         accelerator.wait_for_everyone()
         if not main:
             return Outcome(Status.worker, "worker process done", run_id=run_dir.name, run_dir=run_dir)
-        return _gate_and_register(db, settings, cfg, run_dir, plan, result, adapter_dir, force=force,
+        return _gate_and_register(db, settings, cfg, plan, result, adapter_dir, force=force,
                                   progress=progress, device=str(accelerator.device), out=out)
     finally:
         if db is not None:
@@ -451,9 +451,10 @@ def _loop_config(cfg: RefineConfig, n_train: int, world: int):
                       seed=cfg.seed, save_steps=cfg.save_steps, keep_checkpoints=cfg.keep_checkpoints)
 
 
-def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, run: RunPlan, *, progress: bool,
+def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, *, progress: bool,
            out: Callable[[str], None]):
     """Every process: load the base, attach LoRA, encode the plan's examples, train, save the adapter (main)."""
+    run_dir = run.run_dir
     import torch
 
     from core.engine import Engine
@@ -526,7 +527,7 @@ def _load(path: str):
     return load_image(path)
 
 
-def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: Path, run: RunPlan, result: Any,
+def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, result: Any,
                        adapter_dir: Path, *, force: bool, progress: bool, device: str,
                        out: Callable[[str], None]) -> Outcome:
     from annotation_db import store as st
@@ -537,6 +538,7 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
     from training.modelcard import loss_svg, model_card, run_markdown
     from training.refine_data import DataPlan
 
+    run_dir = run.run_dir
     plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
     with db.session() as s:
         active = st.active_version(s)
@@ -552,14 +554,14 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run_dir: 
                                               longest_edge=settings.longest_edge), settings)
         return engines[base]
 
-    cand_engine = engine_for(run.base)
-    cand_engine.add_adapter("candidate", adapter_dir)
     active_name = active_info["name"] if active_info else "base"
-    if not plan.heldout:  # only with --force (_prepare refuses otherwise)
+    if not plan.heldout:  # only with --force (_prepare refuses otherwise): nothing to load or evaluate
         reason = "promoted without the gate (--force): no held-out examples to evaluate on"
         decision = Decision(True, True, reason, "none", None, None)
         metrics_c, metrics_a = {}, {}
     else:
+        cand_engine = engine_for(run.base)
+        cand_engine.add_adapter("candidate", adapter_dir)
         reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size,
                                     metrics=metrics, generation=gen, progress=progress)
         act_engine, act_version = cand_engine, "base"
@@ -710,7 +712,8 @@ def _demo_defaults(settings: Settings, cfg: RefineConfig, out: Callable[[str], N
     train, heldout = phantom_data(demo)
     cfg.synthetic = cfg.synthetic or [str(train)]
     cfg.synthetic_eval = cfg.synthetic_eval or [str(heldout)]
-    out(f"refine: offline demo mode: working on {demo.home} (the production store has no model versions)")
+    why = "asked for" if settings.offline_demo else "the production store has no model versions"
+    out(f"refine: offline demo mode: working on {demo.home} ({why})")
     return demo
 
 
