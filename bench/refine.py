@@ -28,7 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _data(n: int):
-    from training.phantoms import generate
+    from training.data.phantoms import generate
 
     out = []
     for ph in generate(n, seed=0, split="train", size=64):
@@ -38,7 +38,7 @@ def _data(n: int):
 
 
 def _features(engine, n: int):
-    from training.collate import TrainTurn, encode
+    from training.refine.collate import TrainTurn, encode
 
     return [encode(engine, TrainTurn(str(i), ("x",), q, a, None, "free", "phantom"), [img]) for i, (img, q, a) in enumerate(_data(n))]
 
@@ -47,8 +47,8 @@ def eval_loss(model, feats, pad_id: int, device: str) -> float:
     """Mean answer-token loss over `feats`, computed the same way for both trainers' models."""
     import torch
 
-    from training.collate import collate
-    from training.refine_train import _token_loss_sum
+    from training.refine.collate import collate
+    from training.refine.train import _token_loss_sum
 
     model.eval()
     total = tokens = 0.0
@@ -76,8 +76,8 @@ def run_ours(model_dir: str, args: argparse.Namespace) -> dict:
     from core.config import Settings
     from core.engine import Engine
     from core.models import load_model
-    from training.lora import attach_lora
-    from training.refine_train import LoopConfig, train
+    from training.refine.lora import attach_lora
+    from training.refine.train import LoopConfig, train
 
     torch.manual_seed(0)
     loaded = load_model(model_dir, device=args.device, dtype="float32")

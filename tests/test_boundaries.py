@@ -45,3 +45,17 @@ def test_one_way_imports(modules, forbidden):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{modules} imported {result.stdout.strip()} {result.stderr[-500:]}"
+
+
+def test_demo_imports_only_the_demo_model_from_training():
+    import ast
+    from pathlib import Path
+
+    found = set()
+    for path in Path(__file__).resolve().parents[1].joinpath("demo").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "training":
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "training"}
+    assert found == {"training.demo_model"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.data import Example, read_csv, read_examples, read_hf, read_jsonl, save_hf, write_jsonl
+from training.data.examples import Example, read_csv, read_examples, read_hf, read_jsonl, save_hf, write_jsonl
 from training.errors import DataError
 
 

@@ -15,8 +15,8 @@ def test_demo_model_builds_learns_phantoms_and_is_cached(dermaloop_home):
     from annotation_db.db import Store
     from core.engine import Engine
     from core.models import load_model
+    from training.data.phantoms import CLASSES, generate
     from training.demo_model import ensure_demo_model
-    from training.phantoms import CLASSES, generate
 
     settings = Settings.from_env(home=dermaloop_home, device="cpu")
     messages: list[str] = []

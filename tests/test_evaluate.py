@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from training import phantoms
-from training.data import Example, read_jsonl
-from training.evaluate import Report, evaluate_engine, main, score_predictions
+from training.data import phantoms
+from training.data.examples import Example, read_jsonl
+from training.eval.evaluate import Report, evaluate_engine, main, score_predictions
 
 FAST = ("bleu", "rouge", "diagnosis", "repetition")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training import metrics
 from training.errors import MetricError
+from training.eval import metrics
 
 PREDS = [
     "A brown round macule with a regular border, most likely a benign naevus.",

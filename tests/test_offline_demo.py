@@ -130,7 +130,7 @@ def quick_demo(settings: Settings):
 def test_demo_mode_keeps_its_own_store_and_the_documented_loop_works(dermaloop_home, tmp_path):
     from demo.app import build_demo, launch_kwargs
     from demo.auth import AuthConfig
-    from training import refine
+    from training.refine import run as refine
 
     from test_api import free_port
 
@@ -216,8 +216,8 @@ def test_demo_mode_is_entered_only_on_an_empty_store_or_when_asked(dermaloop_hom
 
 
 def test_refine_force_without_held_out_examples_promotes_ungated(dermaloop_home, tiny_model_dir, tmp_path):
-    from training import refine
-    from training.phantoms import write_phantoms
+    from training.data.phantoms import write_phantoms
+    from training.refine import run as refine
 
     write_phantoms(tmp_path / "ph", 8, seed=0, split="train", size=64)
     base = ["--home", str(dermaloop_home), "--model", str(tiny_model_dir), "--synthetic", str(tmp_path / "ph" / "train.jsonl"),
@@ -232,8 +232,8 @@ def test_refine_force_without_held_out_examples_promotes_ungated(dermaloop_home,
 
 
 def test_refine_every_logs_failures_backs_off_and_keeps_going(monkeypatch, dermaloop_home, capsys):
-    from training import refine
     from training.errors import TrainingError
+    from training.refine import run as refine
 
     calls, sleeps = [], []
 
@@ -257,7 +257,7 @@ def test_refine_every_logs_failures_backs_off_and_keeps_going(monkeypatch, derma
 
 
 def test_refine_every_exits_on_a_configuration_error(dermaloop_home, capsys):
-    from training import refine
+    from training.refine import run as refine
 
     assert refine.main(["--every", "6x"]) == 1
     assert refine.main(["--every", "1h", "--supervision", "nonsense"]) == 1
@@ -295,8 +295,8 @@ def test_the_readmes_first_refine_example_trains_on_a_fresh_store(dermaloop_home
     import re
     import shlex
 
-    from training import refine
-    from training.phantoms import write_phantoms
+    from training.data.phantoms import write_phantoms
+    from training.refine import run as refine
 
     block = re.search(r"## Refinement.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     line = next(ln for ln in block.splitlines() if ln.startswith("python -m training.refine"))

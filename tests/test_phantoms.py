@@ -8,9 +8,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from training import phantoms
-from training.data import read_jsonl
-from training.synth import main as synth_main
+from training.data import phantoms
+from training.data.examples import read_jsonl
+from training.data.synth import main as synth_main
 
 
 def _digest(img: Image.Image) -> str:

@@ -58,7 +58,7 @@ def settings_for(home: Path, model_dir: Path) -> Settings:
 
 def eval_file(folder: Path, answers=CORRECTIONS) -> Path:
     """A synthetic evaluation set: the same lesions and question with the expert answers as references."""
-    from training.data import Example, write_jsonl
+    from training.data.examples import Example, write_jsonl
 
     folder.mkdir(parents=True, exist_ok=True)
     examples = []
@@ -87,7 +87,7 @@ def test_corrections_learned_gate_rejects_bad_candidate_rollback(tiny_model_dir,
     from core.engine import Engine
     from core.models import load_model
     from core.prompts import ClinicalContext
-    from training.refine import RefineConfig, main, run_refine
+    from training.refine.run import RefineConfig, main, run_refine
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     images = [lesion(c) for c in COLOURS]
@@ -160,7 +160,7 @@ def test_min_new_noop_dry_run_and_lock(tiny_model_dir, dermaloop_home, capsys):
 
     from annotation_db import store as st
     from annotation_db.db import Store
-    from training.refine import EXIT_BUSY, main
+    from training.refine.run import EXIT_BUSY, main
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS[:2], CORRECTIONS)], base=str(tiny_model_dir))
@@ -183,7 +183,7 @@ def test_min_new_noop_dry_run_and_lock(tiny_model_dir, dermaloop_home, capsys):
 
 
 def test_config_flags_file_and_errors(tmp_path, capsys):
-    from training.refine import RefineConfig, build_parser, config_from_args, main
+    from training.refine.run import RefineConfig, build_parser, config_from_args, main
 
     cfg_file = tmp_path / "refine.yaml"
     cfg_file.write_text("learning_rate: 0.001\nsynthetic: [a.jsonl]\nlora_vision: true\n")
@@ -198,7 +198,7 @@ def test_config_flags_file_and_errors(tmp_path, capsys):
 
 
 def test_gate_decisions():
-    from training.gate import decide
+    from training.eval.gate import decide
 
     a = {"diagnosis_accuracy": 0.80, "rougeL": 0.5, "repetition_rate": 0.1}
     assert decide({"diagnosis_accuracy": 0.795, "rougeL": 0.1, "repetition_rate": 0.1}, a).promote
@@ -216,7 +216,7 @@ def test_gate_decisions():
 def test_dpo_on_corrections_is_gated_and_registered(tiny_model_dir, dermaloop_home):
     from annotation_db import store as st
     from annotation_db.db import Store
-    from training.refine import RefineConfig, run_refine
+    from training.refine.run import RefineConfig, run_refine
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     seeded = seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS, CORRECTIONS)], base=str(tiny_model_dir))

@@ -32,10 +32,10 @@ def _add_text_only(settings, base: str) -> None:
 
 
 def test_text_only_gold_pair_is_left_out_and_reported(tiny_model_dir, dermaloop_home, capsys):
-    from training.collate import Features, collate
     from training.errors import TrainingError
-    from training.refine import RefineConfig, main
-    from training.refine_data import build_plan
+    from training.refine.collate import Features, collate
+    from training.refine.data import build_plan
+    from training.refine.run import RefineConfig, main
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS[:3], CORRECTIONS)],
@@ -63,9 +63,9 @@ def test_text_only_gold_pair_is_left_out_and_reported(tiny_model_dir, dermaloop_
 
 def test_no_write_transaction_while_files_are_read(tiny_model_dir, dermaloop_home, monkeypatch):
     from annotation_db import store as st
-    from training import refine_data
-    from training.data import Example, write_jsonl
-    from training.refine import RefineConfig
+    from training.data.examples import Example, write_jsonl
+    from training.refine import data as refine_data
+    from training.refine.run import RefineConfig
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS[:2], CORRECTIONS)],
@@ -116,8 +116,8 @@ def test_no_write_transaction_while_files_are_read(tiny_model_dir, dermaloop_hom
 
 def test_min_new_ignores_ratings_a_rejected_candidate_already_tried(tiny_model_dir, dermaloop_home, capsys):
     from annotation_db import store as st
-    from training.refine import RefineConfig, main
-    from training.refine_data import build_plan
+    from training.refine.data import build_plan
+    from training.refine.run import RefineConfig, main
 
     settings = settings_for(dermaloop_home, tiny_model_dir)
     seeded = seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS[:3], CORRECTIONS)],

@@ -39,7 +39,7 @@ def _prepare(home: Path, model: Path) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_killed_run_registers_nothing_and_resumes(tiny_model_dir, dermaloop_home):
-    from training.refine import main
+    from training.refine.run import main
 
     evals, _ = _prepare(dermaloop_home, tiny_model_dir)
     args = [*ARGS, "--synthetic-eval", str(evals), "--steps", "150", "--save-steps", "10", "--batch-size", "2"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from training.collate import CAPTION_QUESTION, IGNORE, TrainTurn, collate, encode, supervised_turns, training_text
-from training.data import Example
+from training.data.examples import Example
+from training.refine.collate import CAPTION_QUESTION, IGNORE, TrainTurn, collate, encode, supervised_turns, training_text
 
 
 def _img(colour=(150, 60, 40)):
@@ -55,7 +55,7 @@ def test_masking_covers_prompt_image_and_padding_exactly(tiny_engine):
         assert labels[n:].eq(IGNORE).all() and attn[n:].eq(0).all() and ids[n:].eq(tok.pad_token_id).all()
         assert (ids[:prompt_len] == image_id).sum() > 0 and not (labels == image_id).any()
         prompt_ids = tiny_engine.processor(text=[tiny_engine.encode_prompt(
-            [__import__("training.collate", fromlist=["chat_turn"]).chat_turn(turn, [_img()] * (1 if row == 0 else 2), None)])[0]],
+            [__import__("training.refine.collate", fromlist=["chat_turn"]).chat_turn(turn, [_img()] * (1 if row == 0 else 2), None)])[0]],
             images=[[_img()] * (1 if row == 0 else 2)], return_tensors="pt")["input_ids"][0]
         assert ids[:prompt_len].tolist() == prompt_ids.tolist()  # the prompt tokens are those of generation
     # Image tensors: one image padded with an all-zero image so the two examples batch together.
@@ -66,7 +66,7 @@ def test_masking_covers_prompt_image_and_padding_exactly(tiny_engine):
 
 
 def test_lora_targets_language_model_only_unless_vision(tiny_engine):
-    from training.lora import resolve_targets
+    from training.refine.lora import resolve_targets
 
     text = resolve_targets(tiny_engine.model, ["q_proj", "lm_head"])
     assert "lm_head" in text and all("vision" not in n for n in text)

@@ -464,7 +464,7 @@ def test_image_files_no_answer_refers_to_are_removed_at_start_when_old(tiny_mode
 
 def test_refine_removes_a_half_copied_adapter_left_by_a_killed_registration(dermaloop_home, tiny_model_dir, tmp_path):
     from core.config import Settings
-    from training import refine
+    from training.refine import run as refine
 
     settings = Settings.from_env(model=str(tiny_model_dir))
     leftover = settings.models_dir / ".tmp-v2-4242"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training import phantoms
-from training.data import read_jsonl
+from training.data import phantoms
+from training.data.examples import read_jsonl
+from training.data.synth import SourceRecord, TemplateBackend, main, read_sources
+from training.data.synth_openai import OpenAIBackend, OpenAIConfig
 from training.errors import SynthError
-from training.metrics.diagnosis import BUILTIN_SYNONYMS
-from training.synth import SourceRecord, TemplateBackend, main, read_sources
-from training.synth_openai import OpenAIBackend, OpenAIConfig
+from training.eval.metrics.diagnosis import BUILTIN_SYNONYMS
 
 DIAGNOSES = sorted({n for k, v in BUILTIN_SYNONYMS.items() for n in (k, *v)} | {n for c in phantoms.CLASSES for n in (c.name, *c.synonyms)})
 

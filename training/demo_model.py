@@ -21,7 +21,7 @@ on 2 CPU cores):
    few seconds to tell the phantom classes apart (a linear probe on the max-pooled
    image tokens), the stand-in for the pretrained vision encoder every real VLM
    has; a 2-layer random ViT otherwise needs far longer than the time budget;
-3. the refine pipeline itself (`training.refine.run_refine`): LoRA on the language
+3. the refine pipeline itself (`training.refine.run.run_refine`): LoRA on the language
    model on lesion phantoms (diagnosis, description and next-step questions),
    the gate on held-out phantoms, registration as the active version with a model
    card that says this is an offline demonstration model with no clinical meaning.
@@ -90,8 +90,8 @@ def phantom_data(settings: Settings) -> tuple[Path, Path]:
 
 
 def demo_refine_config():
-    """The refine settings of the demo build (see `training.refine.RefineConfig`)."""
-    from training.refine import RefineConfig
+    """The refine settings of the demo build (see `training.refine.run.RefineConfig`)."""
+    from training.refine.run import RefineConfig
 
     return RefineConfig(
         synthetic_ratio=1.0, supervision="qa", min_new=0, gold_holdout=0.0, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -120,7 +120,7 @@ def ensure_demo_model(settings: Settings, *, progress: Callable[[str], None] = p
 
 
 def build_demo_model(settings: Settings, *, progress: Callable[[str], None] = print, cfg=None) -> DemoModel:
-    from training.refine import run_refine
+    from training.refine.run import run_refine
 
     t0 = time.perf_counter()
     settings = demo_settings(settings)
@@ -147,7 +147,7 @@ def build_demo_model(settings: Settings, *, progress: Callable[[str], None] = pr
 def phantom_texts() -> list[str]:
     """Texts for the tokenizer: every phantom question and answer form, captions, the system instruction."""
     from core.prompts import SAFETY_INSTRUCTION
-    from training.phantoms import generate
+    from training.data.phantoms import generate
 
     texts = [SAFETY_INSTRUCTION, "Describe the lesion in the image."]
     for ph in generate(30, 12345, "train", size=32):
@@ -157,7 +157,7 @@ def phantom_texts() -> list[str]:
 
 def _build_base(base_dir: Path) -> None:
     from core.tiny import build_tiny_model
-    from training.phantoms import write_phantoms
+    from training.data.phantoms import write_phantoms
 
     base_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = base_dir.parent / f".{BASE_NAME}-{os.getpid()}.tmp"
@@ -184,7 +184,7 @@ def warm_up_vision(model_dir: Path, *, steps: int = 150, lr: float = 1e-2, batch
     import torch
 
     from core.models import load_model
-    from training.phantoms import CLASSES, generate
+    from training.data.phantoms import CLASSES, generate
 
     torch.manual_seed(seed)
     loaded = load_model(model_dir, device="cpu", dtype="float32", image_splitting="off")

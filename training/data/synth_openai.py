@@ -188,7 +188,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _data_url(path: str | Path) -> str:
-    from training.data import load_image
+    from training.data.examples import load_image
 
     buf = io.BytesIO()
     load_image(path).save(buf, format="PNG")

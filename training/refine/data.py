@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.data import Example, read_examples, report_problems
+from training.data.examples import Example, read_examples, report_problems
 
 
 @dataclass

@@ -11,7 +11,7 @@ answers count) and synthetic QA (`training.refine_data`); stop quietly when fewe
 than `--min-new` gold pairs are new; train a LoRA adapter on answer tokens only
 (`training.refine_train`, or TRL's DPO on preference pairs with `--method dpo`),
 starting from the active version's adapter unless `--from-base`; evaluate the
-candidate and the active version on the same held-out set (`training.gate`); then,
+candidate and the active version on the same held-out set (`training.eval.gate`); then,
 in one transaction, record the run and its lineage, register the candidate with
 its model card under `<home>/models/<version>/`, and promote or reject it. The run
 folder `<home>/runs/<run-id>/` keeps the config, the data plan, checkpoints, the
@@ -97,7 +97,7 @@ class RefineConfig:
     eval_metrics: str = "bleu,rouge,diagnosis,repetition"  # training.metrics names
 
     def validate(self) -> None:
-        from training.collate import SUPERVISION
+        from training.refine.collate import SUPERVISION
 
         if self.supervision not in SUPERVISION:
             raise TrainingError(f"--supervision must be one of {', '.join(SUPERVISION)}, not {self.supervision!r}")
@@ -350,7 +350,7 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
              explicit_model: bool, force: bool, out: Callable[[str], None]) -> RunPlan | Outcome:
     """Main process: lock, data, run record. Returns what every process trains from, or how it ended."""
     from annotation_db import store as st
-    from training.refine_data import build_plan
+    from training.refine.data import build_plan
 
     runs_dir = settings.runs_dir
     if dry_run:
@@ -443,7 +443,7 @@ def _text_only_note(plan: Any) -> str:
 
 
 def _loop_config(cfg: RefineConfig, n_train: int, world: int):
-    from training.refine_train import LoopConfig
+    from training.refine.train import LoopConfig
 
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum * world)))
     return LoopConfig(steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate,
@@ -459,10 +459,10 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run: RunPlan
 
     from core.engine import Engine
     from core.models import load_model
-    from training.collate import encode, supervised_turns
-    from training.lora import attach_lora, save_adapter
-    from training.refine_data import DataPlan
-    from training.refine_train import train
+    from training.refine.collate import encode, supervised_turns
+    from training.refine.data import DataPlan
+    from training.refine.lora import attach_lora, save_adapter
+    from training.refine.train import train
 
     torch.manual_seed(cfg.seed)
     plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
@@ -476,7 +476,7 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run: RunPlan
     )
     pad_id = loaded.processor.tokenizer.pad_token_id
     if cfg.method == "dpo":
-        from training.refine_dpo import train_dpo
+        from training.refine.dpo import train_dpo
 
         result = train_dpo(model, loaded.processor, engine, plan, cfg, run_dir=run_dir, accelerator=accelerator,
                            resume=run.resume, progress=progress)
@@ -522,7 +522,7 @@ def _adapts_lm_head(adapter_dir: str) -> bool:
 
 
 def _load(path: str):
-    from training.data import load_image
+    from training.data.examples import load_image
 
     return load_image(path)
 
@@ -534,9 +534,9 @@ def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run: RunP
     from core.engine import Engine
     from core.errors import ModelLoadError
     from core.models import load_model
-    from training.gate import Decision, decide, evaluate_versions
-    from training.modelcard import loss_svg, model_card, run_markdown
-    from training.refine_data import DataPlan
+    from training.eval.gate import Decision, decide, evaluate_versions
+    from training.refine.data import DataPlan
+    from training.refine.modelcard import loss_svg, model_card, run_markdown
 
     run_dir = run.run_dir
     plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
@@ -767,6 +767,3 @@ def main(argv: list[str] | None = None) -> int:
         print("refine: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.refine_train import LoopResult
+from training.refine.train import LoopResult
 
 
 def preference_rows(plan: Any, engine: Any) -> dict[str, list]:
     from core.prompts import ChatTurn, ClinicalContext, build_messages
-    from training.data import load_image
+    from training.data.examples import load_image
 
     rows: dict[str, list] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
     for p in plan.preference_pairs:

@@ -3,7 +3,7 @@
 Each `<name>.py` here is an `evaluate.Metric` loaded by path (`evaluate.load` of a
 hub name fetches scripts from the hub and fails offline):
 
-    from training import metrics
+    from training.eval import metrics
     metrics.load("bleu").compute(predictions=[...], references=[[...], ...])
     metrics.compute_all(predictions, references, labels=..., groups=...)
 
@@ -58,7 +58,7 @@ def wordnet_available() -> tuple[bool, str]:
 
 def default_synonyms() -> dict[str, list[str]]:
     """The phantom classes' synonyms (the built-in dermatology table lives in diagnosis.py)."""
-    from training.phantoms import synonyms
+    from training.data.phantoms import synonyms
 
     return synonyms()
 

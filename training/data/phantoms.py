@@ -254,8 +254,8 @@ def _blobs(rng: np.random.Generator, size: int, n: int, scale: float) -> np.ndar
 
 
 def to_examples(phantom: Phantom, image_path: str | Path, kinds: Sequence[str] = PHANTOM_KINDS) -> list:
-    """The training.data Examples of one phantom whose image was saved at `image_path`."""
-    from training.data import Example
+    """The training.data.examples Examples of one phantom whose image was saved at `image_path`."""
+    from training.data.examples import Example
 
     return [
         Example(
@@ -273,7 +273,7 @@ def write_phantoms(
     """Save n phantom PNGs under out_dir/images/ and their Examples as out_dir/<split>.jsonl; return the JSONL path."""
     from tqdm.auto import tqdm
 
-    from training.data import write_jsonl
+    from training.data.examples import write_jsonl
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

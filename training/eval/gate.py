@@ -1,6 +1,6 @@
 """The promotion gate: the candidate and the active version answer the same held-out set.
 
-Both are evaluated with `training.evaluate.evaluate_engine` on one engine (one base
+Both are evaluated with `training.eval.evaluate.evaluate_engine` on one engine (one base
 in memory, the two adapters loaded by name). The candidate is promoted only when
 
 - its primary metric is not worse than the active's by more than `tolerance`
@@ -64,8 +64,8 @@ def decide(candidate: dict[str, Any], active: dict[str, Any], *, primary: str = 
 
 def evaluate_versions(engine: Any, examples: Sequence[Any], versions: Sequence[str], *, batch_size: int, metrics: Sequence[str],
                       generation: Any, synonyms: dict | None = None, progress: bool = True) -> dict[str, Any]:
-    """version name -> training.evaluate.Report, each on the same examples."""
-    from training.evaluate import evaluate_engine
+    """version name -> training.eval.evaluate.Report, each on the same examples."""
+    from training.eval.evaluate import evaluate_engine
 
     return {
         v: evaluate_engine(engine, list(examples), version=v, batch_size=batch_size, metrics=metrics, generation=generation,

@@ -50,7 +50,7 @@ class TrainTurn:
 
 
 def supervised_turns(examples: Sequence[Any], mode: str) -> list[TrainTurn]:
-    """The turns `examples` (training.data.Example) contribute under supervision `mode`.
+    """The turns `examples` (training.data.examples.Example) contribute under supervision `mode`.
 
     - qa: each example's question with its first answer;
     - caption: each example with a caption once per image set, asked `CAPTION_QUESTION`,

@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from training.collate import Features, collate
-from training.lora import load_trainable_state, trainable_state
+from training.refine.collate import Features, collate
+from training.refine.lora import load_trainable_state, trainable_state
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from training.evaluate import format_value
+from training.eval.evaluate import format_value
 
 WARNING = (
     "**Research use only. Not a medical device.** This model's answers are not a diagnosis and must not guide "
@@ -117,7 +117,7 @@ def loss_svg(losses: Sequence[Sequence[float]], width: int = 640, height: int = 
 
 
 def run_markdown(report: dict[str, Any]) -> str:
-    """The run folder's report.md from the run's report dict (see training.refine)."""
+    """The run folder's report.md from the run's report dict (see training.refine.run)."""
     d = report.get("decision") or {}
     c, a = report.get("metrics_candidate") or {}, report.get("metrics_active") or {}
     counts = report.get("counts", {})
