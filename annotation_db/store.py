@@ -14,15 +14,13 @@ commits the whole unit or rolls it back, so no half-written row is ever kept.
 
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, case, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
@@ -37,7 +35,6 @@ from .models import (
     Rating,
     RatingKind,
     Role,
-    TrainingRunRating,
     Turn,
     TurnStatus,
     User,
@@ -400,188 +397,7 @@ def review_queue_count(s: Session, rater_id: int, *, need: int = 1,
     return s.scalar(_queue_filter(q, rater_id, need, model_version_id))
 
 
-# -------------------------------------------------------------------- gold pairs
-
-
-@dataclass(frozen=True)
-class GoldPair:
-    turn_id: int
-    conversation_id: int
-    seq: int  # position in the conversation; earlier turns: conversation_history()
-    image_hashes: list[str]
-    question: str
-    context: dict[str, Any]
-    template: str
-    target: str
-    source: str  # "expert" (a correction) or "accepted" (the model answer, rated well)
-    rating_ids: list[int]
-    model_answer: str
-    model_version_id: int | None
-    created: datetime
-    mean_score: float
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    turn_id: int
-    image_hashes: list[str]
-    question: str
-    context: dict[str, Any]
-    template: str
-    chosen: str  # the expert's correction
-    rejected: str  # the model's answer
-    rating_ids: list[int]
-    model_version_id: int | None
-    created: datetime
-
-
-@dataclass(frozen=True)
-class GoldConflict:
-    turn_id: int
-    rating_ids: list[int]  # the effective ratings whose corrections differ
-    corrections: list[str]
-    chosen_rating_id: int  # the most recent, which wins
-
-
-@dataclass
-class GoldResult:
-    pairs: list[GoldPair] = field(default_factory=list)
-    conflicts: list[GoldConflict] = field(default_factory=list)
-    preference_pairs: list[PreferencePair] = field(default_factory=list)
-    left_out: list[int] = field(default_factory=list)  # turn ids rated below threshold, uncorrected
-
-    @property
-    def rating_ids(self) -> list[int]:
-        return sorted({i for p in self.pairs for i in p.rating_ids})
-
-
-def _effective(roles: Sequence[Role], turn_ids: Sequence[int] | None = None):
-    """The effective full ratings (`is_effective`) of raters in `roles`, in turn order (no sort needed)."""
-    q = (
-        select(Rating.turn_id, Rating.id, Rating.score, Rating.correction)
-        .join(User, User.id == Rating.rater_id)
-        .where(Rating.kind == RatingKind.full, User.role.in_(roles), is_effective())
-    )
-    return q if turn_ids is None else q.where(Rating.turn_id.in_(turn_ids))
-
-
-def gold_pairs(s: Session, *, accept_threshold: float = 4.0,
-               roles: Sequence[str] = RATER_ROLES, since_version_id: int | None = None) -> GoldResult:
-    """Resolve the effective expert ratings of every turn into one training target.
-
-    A correction wins (the most recent if experts disagree: reported as a conflict,
-    and also kept as a preference pair chosen=correction, rejected=model answer);
-    an uncorrected answer whose mean score is >= `accept_threshold` is accepted as it
-    is; the rest are left out. With `since_version_id`, only pairs that version has
-    not learned from (rating ids outside its lineage, ancestors included).
-
-    One query resolves every turn in the database (its effective ratings counted,
-    summed and listed, the winning correction joined in), so Python only builds the
-    results; a second fetches the images, a third the rare possible conflicts.
-    """
-    roles_ = [Role(r) for r in roles]
-    eff = _effective(roles_).subquery()
-    win = aliased(Rating)
-    per_turn = [
-        eff.c.turn_id,
-        func.count().label("n"),
-        func.sum(eff.c.score).label("total"),
-        func.aggregate_strings(cast(eff.c.id, String), ",").label("ids"),
-        func.max(case((eff.c.correction.is_not(None), eff.c.id))).label("win_id"),
-        # two different corrections at least (no DISTINCT, so no sort: checked in Python)
-        (func.min(eff.c.correction) != func.max(eff.c.correction)).label("differ"),
-    ]
-    q = select(*per_turn).group_by(eff.c.turn_id)
-    if since_version_id is not None:
-        from .versions import _run_ids
-
-        runs = _run_ids(s, since_version_id, ancestors=True)
-        if runs:  # keep a turn unless that version learned from all its effective ratings
-            known = (select(TrainingRunRating.rating_id).where(TrainingRunRating.run_id.in_(runs))
-                     .distinct().subquery())
-            q = (q.select_from(eff.outerjoin(known, known.c.rating_id == eff.c.id))
-                 .having(func.count(known.c.rating_id) < func.count()))
-    r = q.subquery()
-    rows = (
-        select(r.c.turn_id, r.c.n, r.c.total, r.c.ids, r.c.differ, win.correction,
-               Turn.conversation_id, Turn.seq, Turn.question, Turn.answer, Turn.template, Turn.status,
-               Turn.model_version_id, Turn.created_at, Conversation.context)
-        .join(Turn, Turn.id == r.c.turn_id)
-        .join(Conversation, Conversation.id == Turn.conversation_id)
-        .outerjoin(win, win.id == r.c.win_id)
-        .order_by(r.c.turn_id)
-    )
-    with _gc_paused():
-        result, maybe_conflicts = _build(s, s.execute(rows).all(), accept_threshold)
-    result.conflicts = _conflicts(s, roles_, maybe_conflicts)
-    return result
-
-
-@contextmanager
-def _gc_paused():
-    """No cyclic garbage collection while 100 000s of objects are built (none are cycles):
-    otherwise the collector re-scans the growing heap again and again (a third of the time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _build(s: Session, rows: Sequence, accept_threshold: float) -> tuple[GoldResult, list[int]]:
-    """The pairs, preference pairs and left-out turns from one row per rated turn, and the
-    turns whose experts may have corrected differently."""
-    result = GoldResult()
-    kept, maybe_conflicts = [], []  # rows unpacked once: attribute access on 80 000 rows is slow
-    for row in rows:
-        turn_id, n, total, ids, differ, correction, *_, status, _, _, _ = row
-        if differ:
-            maybe_conflicts.append(turn_id)
-        if correction is not None:
-            if status is not TurnStatus.error:  # a correction wins on any turn but an error
-                kept.append(row)
-        elif total / n >= accept_threshold and status is TurnStatus.complete:
-            kept.append(row)
-        else:
-            result.left_out.append(turn_id)
-    images = _turn_images(s, {row[6] for row in kept})
-    for (turn_id, n, total, ids, _, correction, conv_id, seq, question, answer, template, _,
-         version_id, created, context) in kept:
-        ids = sorted(map(int, ids.split(",")))
-        source, target = ("accepted", answer) if correction is None else ("expert", correction)
-        hashes = images_up_to(images[conv_id], seq)
-        created = as_utc(created)
-        context = context or {}
-        result.pairs.append(GoldPair(
-            turn_id=turn_id, conversation_id=conv_id, seq=seq, image_hashes=hashes, question=question,
-            context=context, template=template, target=target, source=source, rating_ids=ids,
-            model_answer=answer, model_version_id=version_id, created=created, mean_score=total / n,
-        ))
-        if correction is not None and target.strip() != answer.strip():
-            result.preference_pairs.append(PreferencePair(
-                turn_id=turn_id, image_hashes=hashes, question=question, context=context,
-                template=template, chosen=target, rejected=answer, rating_ids=ids,
-                model_version_id=version_id, created=created,
-            ))
-    return result, maybe_conflicts
-
-
-def _conflicts(s: Session, roles: list[Role], turn_ids: list[int]) -> list[GoldConflict]:
-    """The turns whose effective corrections differ (beyond surrounding whitespace)."""
-    out = []
-    for i in range(0, len(turn_ids), 900):
-        by_turn: dict[int, list] = defaultdict(list)
-        for r in s.execute(_effective(roles, turn_ids[i:i + 900]).where(Rating.correction.is_not(None))
-                           .order_by(Rating.turn_id, Rating.id)):
-            by_turn[r.turn_id].append(r)
-        for turn_id, rs in by_turn.items():
-            if len({r.correction.strip() for r in rs}) > 1:
-                out.append(GoldConflict(turn_id, [r.id for r in rs], [r.correction for r in rs], rs[-1].id))
-    return out
-
-
+from .gold import GoldConflict, GoldPair, GoldResult, PreferencePair, gold_pairs  # noqa: E402,F401  re-exported
 from .stats import agreement, stats_by_version, stats_over_time  # noqa: E402,F401  re-exported
 from .versions import (  # noqa: E402,F401  re-exported
     acquire_lock,

@@ -33,6 +33,7 @@ def reference_gold_pairs(s, accept_threshold=4.0, roles=("expert", "admin"), sin
         if known and set(ids) <= known:
             continue
         mean = sum(r.score for r in rs) / len(rs)
+        label = next((r.diagnosis for r in reversed(rs) if r.diagnosis is not None), None)  # the latest label
         corrected = [r for r in rs if r.correction is not None]
         if len({r.correction.strip() for r in corrected}) > 1:
             out.conflicts.append(GoldConflict(turn_id, [r.id for r in corrected],
@@ -51,7 +52,7 @@ def reference_gold_pairs(s, accept_threshold=4.0, roles=("expert", "admin"), sin
                       context=turn.conversation.context or {}, template=turn.template, rating_ids=ids,
                       model_version_id=turn.model_version_id, created=as_utc(turn.created_at))
         out.pairs.append(GoldPair(**common, conversation_id=turn.conversation_id, seq=turn.seq, target=target,
-                                  source=source, model_answer=turn.answer, mean_score=mean))
+                                  source=source, model_answer=turn.answer, mean_score=mean, label=label))
         if source == "expert" and target.strip() != turn.answer.strip():
             out.preference_pairs.append(PreferencePair(**common, chosen=target, rejected=turn.answer))
     return out
@@ -89,7 +90,8 @@ def test_gold_pairs_match_the_reference_on_a_random_store(db, seed):
                     store.add_rating(s, rng.choice(turns), rater, rng.choice([1, 5]), kind="thumbs")
                 else:
                     store.add_rating(s, rng.choice(turns), rater, rng.randint(1, 5),
-                                     correction=rng.choice(corrections) if rng.random() < 0.4 else None)
+                                     correction=rng.choice(corrections) if rng.random() < 0.4 else None,
+                                     diagnosis=rng.choice(["melanoma", "nevus", None, None]))
 
         rate(120)
         versions = [v1.id]
@@ -109,4 +111,5 @@ def test_gold_pairs_match_the_reference_on_a_random_store(db, seed):
             assert as_tuples(got) == as_tuples(want), kw
         everything = store.gold_pairs(s)
         assert everything.pairs and everything.conflicts and everything.preference_pairs and everything.left_out
+        assert {p.label for p in everything.pairs} >= {"melanoma", "nevus", None}  # the experts' labels flow in
         assert len(store.gold_pairs(s, since_version_id=versions[-1]).pairs) < len(everything.pairs)

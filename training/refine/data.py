@@ -62,6 +62,7 @@ def gold_example(pair: Any, images_dir: Path) -> Example:
         context=pair.context or None,
         source=pair.source,
         template=pair.template or "free",
+        label=pair.label,  # the experts' diagnosis label, when one was given
     )
 
 
