@@ -1,8 +1,14 @@
-"""Settings of a DermaLoop instance: one typed dataclass, read from the environment.
+"""Settings of a DermaLoop instance, and the one way every command turns dataclasses into flags.
 
-Precedence: dataclass defaults < environment variables (`DERMALOOP_*`) < CLI flags.
-`add_settings_args(parser)` generates the flags from the dataclass fields, so a
-new setting needs one line here and nothing in the CLIs.
+Each option is defined once, as a dataclass field made with `opt(default, help, choices=...)`.
+`parse_cli([Settings, OtherConfig], argv, prog=...)` builds the command line from those
+fields with TRL's `TrlParser` (on transformers' `HfArgumentParser`): defaults, then
+`DERMALOOP_*` environment variables (for Settings), then `--config FILE` (YAML, any
+field), then flags; `--help` shows each field's help and allowed values.
+
+    from core.config import Settings, parse_cli
+    (settings,), given = parse_cli([Settings], ["--device", "cpu"], prog="python -m demo")
+    Settings.from_env()                     # no command line: defaults, then the environment
 """
 
 from __future__ import annotations
@@ -10,11 +16,52 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None, **argparse_kw: Any) -> Any:
+    """A dataclass field with what a person needs to know: its help, its allowed values or minimum
+    (checked by `check_fields` for every source: flags, variables, files, code), extra argparse keywords."""
+    meta: dict[str, Any] = {"help": help, **argparse_kw}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if minimum is not None:
+        meta["minimum"] = minimum
+    if isinstance(default, list):
+        meta.setdefault("action", ManyValues)
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ManyValues(argparse.Action):
+    """`--x A B` and `--x A --x B` both give [A, B]; the default (or the config file's list) is replaced."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_given_lists", set())
+        old = getattr(namespace, self.dest) if self.dest in given else []
+        setattr(namespace, self.dest, [*old, *values])
+        namespace._given_lists = given | {self.dest}
+
+
+def check_fields(obj: Any, prefix: str = "--") -> None:
+    """Allowed values and minimums from the fields' metadata; InputError (one line) naming the option."""
+    from core.errors import InputError
+
+    for f in fields(obj):
+        value, name = getattr(obj, f.name), prefix + (f.name.upper() if prefix.isupper() else f.name.replace("_", "-"))
+        choices = f.metadata.get("choices")
+        bad = [v for v in (value if isinstance(value, list) else [value]) if choices is not None and v not in choices]
+        if bad:
+            raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {bad[0]!r}")
+        minimum = f.metadata.get("minimum")
+        if minimum is not None and value < minimum:
+            raise InputError(f"{name} must be at least {minimum}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -35,25 +82,29 @@ class GenerationSettings:
 class Settings:
     """Everything a running instance needs to know; see README "Configuration"."""
 
-    home: Path = Path("dermaloop-data")  # DERMALOOP_HOME: data directory
-    model: str = DEFAULT_MODEL  # DERMALOOP_MODEL: base model, hub id or local path
-    db: str = ""  # DERMALOOP_DB: SQLAlchemy URL; empty = SQLite file in home
-    device: str = "auto"  # DERMALOOP_DEVICE: auto|cpu|cuda|mps
-    dtype: str = "auto"  # DERMALOOP_DTYPE: auto (bf16 on CUDA, fp32 elsewhere)|float32|bfloat16|float16
-    image_splitting: str = "auto"  # DERMALOOP_IMAGE_SPLITTING: auto (off on CPU: ~6x slower)|on|off
-    longest_edge: int = 0  # DERMALOOP_LONGEST_EDGE: resize images to this edge before the model; 0 = model default
-    max_images: int = 4  # images per question
-    max_pixels: int = 40_000_000  # larger uploads are rejected (decompression bombs)
-    max_upload_bytes: int = 50_000_000  # larger files are rejected before decoding
-    max_question_chars: int = 4000  # longer questions are rejected
-    max_prompt_tokens: int = 8192  # a whole prompt (history, context, image tokens) longer than this is rejected
-    max_new_tokens: int = 256  # generation defaults, see GenerationSettings
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    local_user: str = "local-expert"  # the single user of local mode (role expert)
-    offline_demo: bool = False  # DERMALOOP_OFFLINE_DEMO: use the offline demonstration model and its own data (<home>/offline-demo)
+    _argument_group_name = "instance settings (each also a DERMALOOP_<NAME> variable)"
+
+    home: Path = opt(Path("dermaloop-data"), "data directory: database, images, model versions, refine runs")
+    model: str = opt(DEFAULT_MODEL, "base model: a hub id or a local directory")
+    db: str = opt("", "SQLAlchemy URL of the store, e.g. postgresql+psycopg://user:pw@host/db (empty: SQLite in the data directory)")
+    device: str = opt("auto", "where the model runs (auto: CUDA, then MPS, then CPU)", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = opt("auto", "weights' precision (auto: bfloat16 on CUDA, float32 elsewhere)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    image_splitting: str = opt("auto", "split images into tiles (auto: off on CPU, where tiling costs ~6x the time)",
+                               choices=("auto", "on", "off"))
+    longest_edge: int = opt(0, "resize images to this longest edge before the model (0: the model's default)", minimum=0)
+    max_images: int = opt(4, "images per question", minimum=1)
+    max_pixels: int = opt(40_000_000, "larger uploads are rejected (decompression bombs)", minimum=1)
+    max_upload_bytes: int = opt(50_000_000, "larger files are rejected before decoding", minimum=1)
+    max_question_chars: int = opt(4000, "longer questions are rejected", minimum=1)
+    max_prompt_tokens: int = opt(8192, "a whole prompt (history, context, image tokens) longer than this is rejected", minimum=1)
+    max_new_tokens: int = opt(256, "answer length cap in tokens", minimum=1)
+    do_sample: bool = opt(False, "sample answers instead of greedy decoding (greedy: the same input gives the same answer)")
+    temperature: float = opt(0.7, "sampling temperature (only when sampling)", minimum=0.0)
+    top_p: float = opt(0.9, "nucleus sampling mass (only when sampling)", minimum=0.0)
+    repetition_penalty: float = opt(1.1, "penalty on repeated tokens (small VLMs loop without it)", minimum=0.0)
+    local_user: str = opt("local-expert", "the single user of the login-free local mode (role expert)")
+    offline_demo: bool = opt(False, "use the offline demonstration model and its own data (<home>/offline-demo)")
 
     @property
     def db_url(self) -> str:
@@ -91,22 +142,8 @@ class Settings:
         if "home" in values:
             values["home"] = Path(values["home"])
         settings = cls(**values)
-        settings.validate()
+        check_fields(settings, "DERMALOOP_")
         return settings
-
-    def validate(self) -> None:
-        from core.errors import InputError
-
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise InputError(f"device must be auto, cpu, cuda or mps, not {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise InputError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.image_splitting not in ("auto", "on", "off"):
-            raise InputError(f"image_splitting must be auto, on or off, not {self.image_splitting!r}")
-        for name in ("max_images", "max_pixels", "max_new_tokens", "max_question_chars", "max_upload_bytes",
-                     "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1")
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -131,19 +168,101 @@ def _parse(name: str, typ: type, raw: str) -> Any:
         raise InputError(f"DERMALOOP_{name.upper()}={raw!r} is not a valid {typ.__name__}") from None
 
 
-def add_settings_args(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """Add one `--flag` per Settings field (or those in `only`); defaults stay None = not given."""
-    for name, typ in _field_types(Settings).items():
-        if only is not None and name not in only:
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_ = f"overrides DERMALOOP_{name.upper()}"
-        if typ is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            parser.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+def parse_cli(types: Sequence[type], argv: Sequence[str] | None, *, prog: str, description: str = "",
+              environ: dict[str, str] | None = None) -> tuple[tuple[Any, ...], set[str]]:
+    """Instances of `types` from defaults < DERMALOOP_* variables (Settings) < `--config FILE` < flags,
+    each checked (`check_fields`, then its own `validate()` if any), and the names of the fields that
+    were given rather than defaulted. A bad flag exits 2 with argparse's one-line message; a bad
+    variable or config file raises InputError."""
+    import sys
+
+    from core.errors import InputError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(list(types), prog=prog, description=description, allow_abbrev=False, formatter_class=_Formatter)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (any option, by field name); flags override it")
+    names = {f.name for t in types for f in fields(t)}
+    for t in types:  # `--no-x` beside `--x` for every flag that is off by default (HfArgumentParser adds it for those on)
+        for name, typ in _field_types(t).items():
+            if typ is bool and not getattr(t, name, True):
+                parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    given: set[str] = set()
+    if Settings in types:
+        environ = os.environ if environ is None else environ
+        env = Settings.from_env(environ)
+        given = {f.name for f in fields(Settings) if environ.get(f"DERMALOOP_{f.name.upper()}") not in (None, "")}
+        parser.set_defaults(**{n: getattr(env, n) for n in given})
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = Path(argv[i + 1]) if i + 1 < len(argv) else None
+        loaded = _read_config(path)
+        unknown = set(loaded) - names
+        if unknown:
+            raise InputError(f"--config {path}: unknown setting(s): {', '.join(sorted(unknown))}")
+        parser.set_defaults(**loaded)
+        given |= set(loaded)
+        del argv[i:i + 2]
+    ns = parser.parse_args(argv)
+    flags = {s: a.dest for a in parser._actions for s in a.option_strings}
+    given |= {flags[x.split("=", 1)[0]] for x in argv if x.split("=", 1)[0] in flags}
+    out = []
+    for t in types:
+        obj = t(**{f.name: getattr(ns, f.name) for f in fields(t)})
+        check_fields(obj)
+        if hasattr(obj, "validate"):
+            obj.validate()
+        out.append(obj)
+    return tuple(out), given
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default after its help."""
+
+
+def _Parser(*args: Any, **kwargs: Any):
+    """transformers' HfArgumentParser, given each field's metadata without our own keys (argparse would refuse them)."""
+    import copy
+
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, f):
+            f = copy.copy(f)  # HfArgumentParser also rewrites the field's type in place
+            f.metadata = {k: v for k, v in f.metadata.items() if k != "minimum"}
+            HfArgumentParser._parse_dataclass_field(parser, f)
+
+        def error(self, message):  # one line, not the whole usage block
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    return Parser(*args, usage="%(prog)s [options]", **kwargs)
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    import yaml
+
+    from core.errors import InputError
+
+    if path is None or not path.is_file():
+        raise InputError(f"--config: no such file: {path or '(missing)'}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"--config {path}: not YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"--config {path}: expected a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def add_settings_args(parser: argparse.ArgumentParser, only: tuple[str, ...]) -> None:
+    """Flags for some Settings fields on a plain argparse parser (None = not given): training.evaluate's, until it
+    moves to `parse_cli`."""
+    for f in fields(Settings):
+        if f.name in only:
+            typ = _field_types(Settings)[f.name]
+            kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"], **kw)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    names = {f.name for f in fields(Settings)}
-    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in names})
+    return Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)})

@@ -23,31 +23,29 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
+from core.config import opt
 from demo.spaces import prepare
 
 _T0 = time.perf_counter()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from core.config import add_settings_args
+@dataclass
+class LaunchOptions:
+    """How this process serves the app (the instance itself: core.config.Settings)."""
 
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 on Spaces)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
-    parser.add_argument("--adapter", default=None, help="serve this LoRA adapter directory as the active version")
-    parser.add_argument("--auth-file", default=None, help="users.yaml with password hashes and roles (DERMALOOP_AUTH_FILE)")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--allow-anonymous", action="store_true",
-                        help="serve without logins even when reachable from other machines (DERMALOOP_ALLOW_ANONYMOUS=1)")
-    parser.add_argument("--review-need", type=int, default=None, help="expert reviews wanted per answer (default 2)")
-    parser.add_argument("--no-offline-fallback", action="store_true",
-                        help="on a store with no model versions, fail instead of using the offline demo model")
-    parser.add_argument("--versions", action="store_true",
-                        help="print the versions of torch, transformers, peft... and known-bad combinations, then exit")
-    add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user",
-                                    "offline_demo"))
-    return parser
+    _argument_group_name = "serving"
+
+    host: str | None = opt(None, "address to listen on (127.0.0.1; 0.0.0.0 on Spaces)")
+    port: int | None = opt(None, "port (7860, or the next free one)")
+    adapter: str | None = opt(None, "serve this LoRA adapter directory as the active version", metavar="DIR")
+    auth_file: str | None = opt(None, "users.yaml with password hashes and roles (DERMALOOP_AUTH_FILE)", metavar="FILE")
+    share: bool = opt(False, "also open a public gradio.live link")
+    allow_anonymous: bool = opt(False, "serve without logins even when reachable from other machines (DERMALOOP_ALLOW_ANONYMOUS=1)")
+    review_need: int | None = opt(None, "expert reviews wanted per answer (DERMALOOP_REVIEW_NEED, else 2)")
+    offline_fallback: bool = opt(True, "on a store with no model versions, use the offline demo model when the model cannot be loaded")
+    versions: bool = opt(False, "print the versions of torch, transformers, peft... and known-bad combinations, then exit")
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -100,21 +98,20 @@ def check_anonymous(args: argparse.Namespace, mode: str, on_space: bool, environ
 def create(argv: list[str] | None = None):
     """(demo, launch kwargs) from command-line arguments: what `main` and the Spaces app.py serve."""
     space = prepare()  # before torch is imported
-    args = build_parser().parse_args(argv)
     from core import compat
+    from core.config import Settings, parse_cli
+    from core.errors import DermaLoopError
 
-    if args.versions:
+    if "--versions" in (sys.argv[1:] if argv is None else argv):  # before any setting is read
         print(compat.report())
         raise SystemExit(0)
     for line in compat.warnings(compat.versions()):
         print(line, file=sys.stderr, flush=True)
     from annotation_db.errors import StoreError
-    from core.config import settings_from_args
-    from core.errors import DermaLoopError
     from demo.auth import AuthError, auth_from_env
 
     try:  # what a person can get wrong is checked before the slow imports
-        settings = settings_from_args(args)
+        (args, settings), given = parse_cli([LaunchOptions, Settings], argv, prog="python -m demo", description=__doc__)
         from demo.security import prepare_upload_folder
 
         prepare_upload_folder(settings.home)
@@ -125,8 +122,8 @@ def create(argv: list[str] | None = None):
             raise ValueError(f"review need must be at least 1, not {need}")
         from demo.runtime import DemoOptions, start
 
-        options = DemoOptions(review_need=need, offline_fallback=not args.no_offline_fallback)
-        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
+        options = DemoOptions(review_need=need, offline_fallback=args.offline_fallback)
+        explicit_model = "model" in given
         runtime = start(settings, options, adapter=args.adapter, explicit_model=explicit_model, notices=space.notices,
                         zerogpu=space.zerogpu)
     except (DermaLoopError, StoreError, AuthError, ValueError) as e:

@@ -1,10 +1,8 @@
 """Settings from the environment and flags; clinical context and templates."""
 
-import argparse
-
 import pytest
 
-from core.config import Settings, add_settings_args, settings_from_args
+from core.config import Settings, parse_cli
 from core.errors import InputError
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, build_messages, render_user_text
 
@@ -18,17 +16,34 @@ def test_env_then_flags(monkeypatch, dermaloop_home):
     s = Settings.from_env()
     assert s.home == dermaloop_home and s.model == "/models/mine" and s.max_new_tokens == 64 and s.do_sample
     assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("annotations.db")
-    parser = argparse.ArgumentParser()
-    add_settings_args(parser)
-    s2 = settings_from_args(parser.parse_args(["--max-new-tokens", "8", "--no-do-sample", "--db", "sqlite:///x.db"]))
+    (s2,), given = parse_cli([Settings], ["--max-new-tokens", "8", "--no-do-sample", "--db", "sqlite:///x.db"], prog="x")
     assert s2.max_new_tokens == 8 and not s2.do_sample and s2.db_url == "sqlite:///x.db" and s2.model == "/models/mine"
     assert s2.generation().max_new_tokens == 8
+    assert given == {"home", "model", "max_new_tokens", "do_sample", "db"}  # home: the autouse fixture's variable
+
+
+def test_config_file_between_variables_and_flags(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DERMALOOP_MAX_NEW_TOKENS", "64")
+    monkeypatch.setenv("DERMALOOP_DEVICE", "cpu")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("max-new-tokens: 32\ntop_p: 0.5\n")
+    (s,), given = parse_cli([Settings], ["--config", str(cfg), "--top-p", "0.7"], prog="x")
+    assert (s.max_new_tokens, s.top_p, s.device) == (32, 0.7, "cpu")  # file over variable, flag over file
+    cfg.write_text("max_new_token: 32\n")
+    with pytest.raises(InputError, match="unknown setting.*max_new_token"):
+        parse_cli([Settings], ["--config", str(cfg)], prog="x")
+    with pytest.raises(InputError, match="no such file"):
+        parse_cli([Settings], ["--config", str(tmp_path / "nope.yaml")], prog="x")
+    for argv, message in ((["--device", "tpu"], "invalid choice: 'tpu'"), (["--max-images", "0"], "--max-images must be at least 1")):
+        with pytest.raises((SystemExit, InputError)) as e:
+            parse_cli([Settings], argv, prog="x")
+        assert message in (str(e.value) if e.type is InputError else capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
     "var, value, message",
-    [("DERMALOOP_MAX_NEW_TOKENS", "many", "not a valid int"), ("DERMALOOP_DEVICE", "tpu", "device must be"),
-     ("DERMALOOP_DO_SAMPLE", "maybe", "not a valid bool"), ("DERMALOOP_MAX_IMAGES", "0", "at least 1")],
+    [("DERMALOOP_MAX_NEW_TOKENS", "many", "not a valid int"), ("DERMALOOP_DEVICE", "tpu", "DERMALOOP_DEVICE must be one of"),
+     ("DERMALOOP_DO_SAMPLE", "maybe", "not a valid bool"), ("DERMALOOP_MAX_IMAGES", "0", "DERMALOOP_MAX_IMAGES must be at least 1")],
 )
 def test_bad_settings_are_one_line_errors(monkeypatch, var, value, message):
     monkeypatch.setenv(var, value)

@@ -260,8 +260,8 @@ def test_refine_every_exits_on_a_configuration_error(dermaloop_home, capsys):
     from training.refine import run as refine
 
     assert refine.main(["--every", "6x"]) == 1
-    assert refine.main(["--every", "1h", "--supervision", "nonsense"]) == 1
-    assert "--supervision must be one of" in capsys.readouterr().err
+    assert refine.main(["--every", "1h", "--gold-holdout", "2"]) == 1
+    assert "--gold-holdout must be at least 0 and below 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ DERMALOOP_LONGEST_EDGE

@@ -183,18 +183,27 @@ def test_min_new_noop_dry_run_and_lock(tiny_model_dir, dermaloop_home, capsys):
 
 
 def test_config_flags_file_and_errors(tmp_path, capsys):
-    from training.refine.run import RefineConfig, build_parser, config_from_args, main
+    from core.config import Settings, parse_cli
+    from training.refine.config import RefineActions, RefineConfig
+    from training.refine.run import main
 
     cfg_file = tmp_path / "refine.yaml"
-    cfg_file.write_text("learning_rate: 0.001\nsynthetic: [a.jsonl]\nlora_vision: true\n")
-    args = build_parser().parse_args(["--config", str(cfg_file), "--synthetic", "b.jsonl", "--synthetic", "c.jsonl",
-                                      "--no-lora-vision", "--supervision", "qa+caption"])
-    cfg = config_from_args(args)
+    cfg_file.write_text("learning_rate: 0.001\nsynthetic: [a.jsonl]\nlora-vision: true\n")
+    (cfg, act, _), given = parse_cli([RefineConfig, RefineActions, Settings], [
+        "--config", str(cfg_file), "--synthetic", "b.jsonl", "--synthetic", "c.jsonl", "--no-lora-vision",
+        "--supervision", "qa+caption", "--list", "--resume"], prog="refine")
     assert cfg.learning_rate == 0.001 and cfg.synthetic == ["b.jsonl", "c.jsonl"] and cfg.lora_vision is False
     assert cfg.supervision == "qa+caption" and cfg.roles == ["expert", "admin"]
+    assert act.list_versions and act.resume == "latest" and not act.dry_run
+    assert {"learning_rate", "synthetic", "lora_vision", "supervision"} <= given and "roles" not in given
     assert RefineConfig.from_dict(cfg.to_dict()) == cfg
-    assert main(["--supervision", "pictures"]) == 1
-    assert "--supervision must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--supervision", "pictures"])
+    assert e.value.code == 2 and "invalid choice: 'pictures'" in capsys.readouterr().err
+    assert main(["--gold-holdout", "1"]) == 1
+    assert "--gold-holdout must be at least 0 and below 1" in capsys.readouterr().err
+    assert main(["--synthetic-ratio", "-1"]) == 1
+    assert "--synthetic-ratio must be at least 0.0" in capsys.readouterr().err
 
 
 def test_gate_decisions():

@@ -24,7 +24,6 @@ which), 75 (another refine holds the lock; try later).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import json
@@ -34,166 +33,18 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, get_type_hints
+from typing import Any, Callable
 
-from annotation_db.models import RATER_ROLES
-from core.config import Settings, add_settings_args, settings_from_args
+from core.config import Settings, parse_cli
 from core.errors import DermaLoopError
 from training.errors import TrainingError
+from training.refine.config import RefineActions, RefineConfig, parse_interval
 
 LOCK_NAME = "refine"
 EXIT_BUSY = 75
-METHODS = ("sft", "dpo")
-
-
-@dataclass
-class RefineConfig:
-    """Everything that decides what a refine run does; saved with every run and adapter."""
-
-    # data
-    synthetic: list[str] = field(default_factory=list)  # synthetic QA datasets (jsonl/csv/hf/mediqa); repeatable
-    synthetic_eval: list[str] = field(default_factory=list)  # explicit synthetic held-out datasets; repeatable
-    synthetic_ratio: float = 1.0  # synthetic examples per gold training pair (all synthetic when no gold)
-    synthetic_holdout: float = 0.2  # share of synthetic images held out (the store's split), without --synthetic-eval
-    supervision: str = "qa"  # qa | caption | qa+caption (synthetic data; gold pairs are always QA)
-    gold_holdout: float = 0.2  # share of gold images held out (the store's frozen split); 0 = train on every gold pair
-    accept_threshold: float = 4.0  # an uncorrected answer with this mean score or more is gold
-    roles: list[str] = field(default_factory=lambda: list(RATER_ROLES))  # rater roles whose ratings count; repeatable
-    min_new: int = 1  # fewer new gold training pairs than this: exit 0 without training
-    # model
-    method: str = "sft"  # sft (answer tokens) | dpo (TRL, preference pairs: chosen = correction)
-    from_base: bool = False  # start from the bare base instead of the active version's adapter
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scale numerator
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # Linear leaf names
-    lora_vision: bool = False  # also adapt the vision tower's matching layers
-    modules_to_save: str = ""  # modules trained in full and saved with the adapter (comma-separated)
-    # optimisation
-    steps: int = 0  # optimizer steps; 0 = from epochs
-    epochs: float = 3.0  # passes over the training examples when steps is 0
-    batch_size: int = 4  # examples per process per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    max_length: int = 4096  # examples with more tokens are left out
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16 | fp16
-    seed: int = 0
-    save_steps: int = 50  # checkpoint every N steps (0 = never)
-    keep_checkpoints: int = 2
-    dpo_beta: float = 0.1  # DPO temperature
-    # gate
-    primary_metric: str = "auto"  # auto (diagnosis accuracy when labelled, else rougeL) or a Report metric name
-    tolerance: float = 0.01  # the primary metric may fall this much
-    max_repetition: float = 0.3  # repetition rate allowed (unless no higher than the active's)
-    eval_max: int = 200  # held-out examples at most (gold first)
-    eval_batch_size: int = 8
-    eval_max_new_tokens: int = 64
-    eval_metrics: str = "bleu,rouge,diagnosis,repetition"  # training.metrics names
-
-    def validate(self) -> None:
-        from training.refine.collate import SUPERVISION
-
-        if self.supervision not in SUPERVISION:
-            raise TrainingError(f"--supervision must be one of {', '.join(SUPERVISION)}, not {self.supervision!r}")
-        if self.method not in METHODS:
-            raise TrainingError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise TrainingError("--mixed-precision must be auto, no, bf16 or fp16")
-        for name in ("gold_holdout", "synthetic_holdout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise TrainingError(f"--{name.replace('_', '-')} must be at least 0 and below 1")
-        for name in ("batch_size", "grad_accum", "lora_r", "eval_batch_size", "eval_max_new_tokens", "max_length"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("steps", "min_new", "save_steps", "eval_max", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"--{name.replace('_', '-')} must not be negative")
-        if self.synthetic_ratio < 0 or self.epochs <= 0 or self.learning_rate <= 0:
-            raise TrainingError("--synthetic-ratio must be >= 0, --epochs and --learning-rate > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RefineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TrainingError(f"unknown refine setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
-# ------------------------------------------------------------------------ flags
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type = RefineConfig) -> None:
-    """One flag per dataclass field: lists repeat, bools get --x/--no-x; None = not given."""
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        typ, flag = hints[f.name], "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"default: {default!r}"
-        if typ is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif getattr(typ, "__origin__", None) is list:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar=f.name.upper(), help=help_ + "; repeatable")
-        else:
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)
-
-
-def config_from_args(args: argparse.Namespace) -> RefineConfig:
-    """Defaults, then `--config FILE` (YAML or JSON), then flags."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise TrainingError(f"config file not found: {path}")
-        import yaml
-
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise TrainingError(f"{path}: expected a mapping of refine settings")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    names = {f.name for f in fields(RefineConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    cfg = RefineConfig.from_dict(values)
-    cfg.validate()
-    return cfg
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.refine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = p.add_argument_group("actions (default: one refine run)")
-    actions.add_argument("--list", action="store_true", help="list model versions with status and metrics")
-    actions.add_argument("--rollback", metavar="VERSION", help="make an earlier version active again")
-    actions.add_argument("--dry-run", action="store_true", help="print the data counts and exit")
-    actions.add_argument("--resume", nargs="?", const="latest", metavar="RUN", help="continue a killed run (default: the latest)")
-    actions.add_argument("--force", action="store_true",
-                         help="promote even if the gate says no (or without it when nothing is held out), or roll back "
-                              "to a version the gate rejected (recorded as forced)")
-    actions.add_argument("--every", metavar="INTERVAL", help="repeat forever, e.g. 30m, 6h, 1d")
-    actions.add_argument("--config", metavar="FILE", help="YAML/JSON refine settings (flags override)")
-    actions.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_args(p.add_argument_group("refine settings"))
-    add_settings_args(p.add_argument_group("instance settings"),
-                      only=("home", "model", "db", "device", "dtype", "image_splitting", "longest_edge", "offline_demo"))
-    return p
-
-
-def parse_interval(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip().lower()
-    try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise TrainingError(f"--every {text!r}: use a number with s, m, h or d, e.g. 6h") from None
 
 
 # ------------------------------------------------------------------------ outcome
@@ -724,29 +575,28 @@ def main(argv: list[str] | None = None) -> int:
     from annotation_db.errors import StoreError
     from training.demo_model import in_demo_mode
 
-    args = build_parser().parse_args(argv)
     try:  # configuration: a mistake here ends the command, even with --every
-        settings = settings_from_args(args)
-        cfg = config_from_args(args)
-        interval = parse_interval(args.every) if args.every else None
-        explicit_model = args.model is not None or bool(os.environ.get("DERMALOOP_MODEL"))
+        (cfg, act, settings), given = parse_cli([RefineConfig, RefineActions, Settings], argv, prog="python -m training.refine",
+                                                description=__doc__)
+        interval = parse_interval(act.every) if act.every else None
+        explicit_model = "model" in given
         if in_demo_mode(settings):
             settings, explicit_model = _demo_defaults(settings, cfg, print), False
-        if args.list:
+        if act.list_versions:
             print(list_versions(settings))
             return 0
-        if args.rollback:
-            print(rollback(settings, args.rollback, forced=args.force))
+        if act.rollback:
+            print(rollback(settings, act.rollback, forced=act.force))
             return 0
     except (DermaLoopError, StoreError) as e:
         print(f"refine: {e}", file=sys.stderr)
         return 1
-    failures = 0
+    failures, resume = 0, act.resume
     try:
         while True:
             try:
-                outcome = run_refine(settings, cfg, force=args.force, resume=args.resume, dry_run=args.dry_run,
-                                     progress=not args.quiet, explicit_model=explicit_model)
+                outcome = run_refine(settings, cfg, force=act.force, resume=resume, dry_run=act.dry_run,
+                                     progress=not act.quiet, explicit_model=explicit_model)
             except (DermaLoopError, StoreError, OSError) as e:
                 print(f"refine: {e}", file=sys.stderr, flush=True)
                 if interval is None:
@@ -761,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(outcome.summary, flush=True)
             if interval is None:
                 return EXIT_BUSY if outcome.status is Status.busy else 0
-            args.resume = None
+            resume = None  # only the first run of a loop resumes
             time.sleep(interval)
     except KeyboardInterrupt:
         print("refine: interrupted", file=sys.stderr)
