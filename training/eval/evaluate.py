@@ -7,10 +7,11 @@
 
 With --predictions, scores a file of answers without loading a model or images: the
 MEDIQA-M3G / MEDIQA-MAGIC 2024 official deltaBLEU and BERTScore beside our metrics
-(training/eval/score.py). Otherwise:
-
-Prints a table and writes `report.json` (metrics, per-example outputs, notes) and
-`report.md` to --out. Metrics (training/eval/metrics/): BLEU (sacreBLEU, all references),
+(training/eval/score.py). Otherwise the model answers every example, and the command
+prints a table and writes `report.json` (metrics, per-example outputs, notes),
+`report.md` and `predictions.jsonl` (id, prediction: a file --predictions can score
+against the official references) to --out. A DermaVQA file (`--format mediqa`) takes
+`--lang` and `--images-dir` (the folder holding images_<split>/). Metrics (training/eval/metrics/): BLEU (sacreBLEU, all references),
 ROUGE-L and BERTScore F1 (best reference per example, then the mean, as in
 MEDIQA-MAGIC), METEOR (only when nltk's WordNet is installed), diagnosis accuracy
 (label or synonym named in the answer; examples with a label whose kind is a
