@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import draw_lesion
 from training.data.examples import read_examples
 from training.data.mediqa import mediqa_split, read_mediqa
 from training.errors import DataError
@@ -18,6 +17,8 @@ from training.eval import official
 from training.eval.evaluate import main
 from training.eval.predictions import align, read_predictions, read_references
 from training.eval.score import score_files
+
+from conftest import draw_lesion
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dermavqa"
 VALID = FIXTURES / "valid_ht.json"
