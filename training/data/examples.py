@@ -11,10 +11,11 @@ scoring). Readers accept:
   `age`, `sex`, `body_site`, `duration`, `symptoms`, `fitzpatrick`, `modality`;
 - `hf`: a `datasets` dataset saved with `save_to_disk` with an `image` or
   `images` column (decoded images are stored content-addressed in `images_dir`);
-- `mediqa`: the MEDIQA-MAGIC 2024 / DermaVQA JSON (a list of encounters with
-  `encounter_id`, `image_ids`, `query_title_en`, `query_content_en`, `responses`),
-  images in a folder beside it; one example per encounter, every response a
-  reference, the most complete response first.
+- `mediqa`: the MEDIQA-M3G / MEDIQA-MAGIC 2024 DermaVQA JSON (a list of encounters
+  with `encounter_id`, `image_ids`, `query_title_<lang>`, `query_content_<lang>`,
+  `responses`), images in the release's `images_<split>/` folder beside it or in
+  `images_dir`; one example per encounter, every response a reference, the most
+  complete response first; en, zh or es.
 
 Every reader returns `(examples, problems)`: a malformed row (missing or
 unreadable image, empty answer, wrong type) becomes a `Problem` naming the file
@@ -309,82 +310,6 @@ def read_hf(
     return _collect(path, ((f"row {i}", (i, row)) for i, row in enumerate(ds)), build, False)
 
 
-# ---------------------------------------------------------------- MEDIQA-MAGIC / DermaVQA
-
-def read_mediqa(
-    path: str | Path, *, images_dir: str | Path | None = None, template: str = "free", check_images_exist: bool = True
-) -> tuple[list[Example], list[Problem]]:
-    """One example per encounter; the question is title + content; every non-empty response a reference."""
-    path = _existing(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict):  # some releases wrap the list
-        data = next((v for v in data.values() if isinstance(v, list)), None)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of encounters")
-    folders = [Path(images_dir)] if images_dir else _mediqa_image_folders(path)
-
-    def build(item: tuple[int, Any]) -> Example:
-        i, enc = item
-        if not isinstance(enc, dict):
-            raise DataError("an encounter must be an object")
-        image_ids = enc.get("image_ids")
-        if isinstance(image_ids, str):
-            image_ids = [image_ids]
-        if not isinstance(image_ids, list) or not image_ids:
-            raise DataError("'image_ids' must be a non-empty list")
-        images = [_find_image(str(name), folders) for name in image_ids]
-        title, content = enc.get("query_title_en") or "", enc.get("query_content_en") or ""
-        if not isinstance(title, str) or not isinstance(content, str):
-            raise DataError("'query_title_en' and 'query_content_en' must be strings")
-        responses = enc.get("responses")
-        if not isinstance(responses, list):
-            raise DataError("'responses' must be a list")
-        ranked = []
-        for j, r in enumerate(responses):
-            if not isinstance(r, dict) or not isinstance(r.get("content_en", ""), str):
-                raise DataError(f"response {j} must be an object with a string content_en")
-            if (r.get("content_en") or "").strip():
-                ranked.append((-_number(r.get("completeness")), j, r["content_en"].strip()))
-        question = ". ".join(s.strip().rstrip(".") for s in (title, content) if s.strip())
-        d = {"id": enc.get("encounter_id") or f"{path.stem}-{i}", "images": images, "question": question + "." if question else "",
-             "answers": [text for *_, text in sorted(ranked)], "source": "expert", "template": template}
-        return Example.from_dict(d, None)
-
-    def where(i: int, enc: Any) -> str:
-        enc_id = enc.get("encounter_id") if isinstance(enc, dict) else None
-        return f"encounter {enc_id}" if enc_id else f"encounter #{i}"
-
-    return _collect(path, ((where(i, enc), (i, enc)) for i, enc in enumerate(data)), build, check_images_exist)
-
-
-def _mediqa_image_folders(path: Path) -> list[Path]:
-    d, stem = path.parent, path.stem
-    names = ["images", f"images_{stem}", f"images/{stem}", stem, f"{stem}_images", "."]
-    return [d / n for n in names if (d / n).is_dir()]
-
-
-def _find_image(name: str, folders: Sequence[Path]) -> str:
-    for folder in folders:
-        p = folder / name
-        if p.is_file():
-            return str(p)
-        if not Path(name).suffix:
-            for suffix in IMAGE_SUFFIXES:
-                if (folder / (name + suffix)).is_file():
-                    return str(folder / (name + suffix))
-    raise DataError(f"image {name} not found in {', '.join(str(f) for f in folders) or 'any images folder beside the file'}")
-
-
-def _number(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return 0.0
-
-
 # ---------------------------------------------------------------- any format
 
 def detect_format(path: str | Path) -> str:
@@ -410,8 +335,14 @@ def read_examples(
     split: str | None = None,
     template: str | None = None,
     check_images_exist: bool = True,
+    lang: str = "en",
+    keep_empty_references: bool = False,
 ) -> tuple[list[Example], list[Problem]]:
-    """Read any supported format; with `strict`, any problem raises DataError."""
+    """Read any supported format; with `strict`, any problem raises DataError.
+
+    `images_dir`: for hf, where decoded images are stored; for mediqa, where the images are
+    looked up. `lang` and `keep_empty_references`: mediqa only (see `read_mediqa`).
+    """
     fmt = detect_format(path) if fmt in ("auto", "", None) else fmt
     if fmt == "jsonl":
         result = read_jsonl(path, check_images_exist=check_images_exist)
@@ -420,7 +351,10 @@ def read_examples(
     elif fmt == "hf":
         result = read_hf(path, split=split, images_dir=images_dir)
     elif fmt == "mediqa":
-        result = read_mediqa(path, images_dir=images_dir, template=template or "free", check_images_exist=check_images_exist)
+        from training.data.mediqa import read_mediqa
+
+        result = read_mediqa(path, images_dir=images_dir, template=template or "free", check_images_exist=check_images_exist,
+                             lang=lang, keep_empty_references=keep_empty_references)
     else:
         raise DataError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if template and fmt != "mediqa":

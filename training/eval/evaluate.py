@@ -3,9 +3,15 @@
     python -m training.evaluate --model PATH_OR_ID [--adapter DIR] --data FILE [--format jsonl|csv|hf|mediqa] --out DIR
     python -m training.evaluate --version v3 --out DIR            # the store's frozen held-out split
     python -m training.evaluate --version v3 --data heldout.jsonl --out DIR
+    python -m training.evaluate --predictions PRED [--references REF] [--lang en|zh|es] --out DIR   # no model
 
-Prints a table and writes `report.json` (metrics, per-example outputs, notes) and
-`report.md` to --out. Metrics (training/eval/metrics/): BLEU (sacreBLEU, all references),
+With --predictions, scores a file of answers without loading a model or images: the
+MEDIQA-M3G / MEDIQA-MAGIC 2024 official deltaBLEU and BERTScore beside our metrics
+(training/eval/score.py). Otherwise the model answers every example, and the command
+prints a table and writes `report.json` (metrics, per-example outputs, notes),
+`report.md` and `predictions.jsonl` (id, prediction: a file --predictions can score
+against the official references) to --out. A DermaVQA file (`--format mediqa`) takes
+`--lang` and `--images-dir` (the folder holding images_<split>/). Metrics (training/eval/metrics/): BLEU (sacreBLEU, all references),
 ROUGE-L and BERTScore F1 (best reference per example, then the mean, as in
 MEDIQA-MAGIC), METEOR (only when nltk's WordNet is installed), diagnosis accuracy
 (label or synonym named in the answer; examples with a label whose kind is a
@@ -27,9 +33,11 @@ from typing import Any, Sequence
 
 from core.errors import DermaLoopError
 from core.prompts import ChatTurn
-from training.data.examples import FORMATS, Example, read_examples, report_problems
+from training.data.examples import FORMATS, Example, detect_format, read_examples, report_problems
 from training.errors import DataError
 from training.eval.metrics import METRICS, compute_all, parse_metrics
+from training.eval.official import LANGUAGES
+from training.eval.score import SCORE_METRICS, WEIGHT_MODES
 
 DIAGNOSTIC_KINDS = (None, "diagnosis", "differential")  # examples whose label is scored by diagnosis accuracy
 HEADLINE = (  # (metric module, key in its result, report name)
@@ -277,7 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split of a datasets DatasetDict")
     p.add_argument("--template", help="prompt template for every example (default: each example's own)")
     p.add_argument("--out", required=True, type=Path, help="folder for report.json and report.md")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--predictions", type=Path, help="score this file (shared-task JSON or our JSONL) without a model")
+    p.add_argument("--references", type=Path, help="with --predictions: the references (a DermaVQA split JSON or our JSONL)")
+    p.add_argument("--lang", choices=LANGUAGES, default="en", help="language of the answers and references (content_<lang>, query_*_<lang>)")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                   help="deltaBLEU reference weights: auto = as the official scorer (df_userinfo.csv weights when zh is scored)")
+    p.add_argument("--userinfo", type=Path, help="DermaVQA's df_userinfo.csv (default: beside --references)")
+    p.add_argument("--images-dir", type=Path, help="folder of the images of a mediqa/DermaVQA --data file (default: beside it)")
+    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (with --predictions: of {','.join(SCORE_METRICS)})")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--strict", action="store_true", help="a malformed row is an error instead of being skipped")
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        report = _run(args)
+        report = _score(args) if args.predictions else _run(args)
     except (DermaLoopError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -310,7 +325,7 @@ def _run(args: argparse.Namespace) -> Report:
     from core.models import load_model
 
     settings = settings_from_args(args)
-    metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics or METRICS)
     if args.adapter and args.version:
         raise DataError("give --adapter or --version, not both")
     if args.batch_size < 1:
@@ -321,8 +336,11 @@ def _run(args: argparse.Namespace) -> Report:
         model = args.model or base
         adapter = Path(adapter_path) if adapter_path else None
     if args.data:
-        examples, problems = read_examples(args.data, args.format, strict=args.strict, split=args.split,
-                                           template=args.template, images_dir=settings.images_dir)
+        fmt = detect_format(args.data) if args.format == "auto" else args.format
+        # hf: where decoded images are stored; mediqa: where the release's images are looked up
+        images_dir = args.images_dir or (settings.images_dir if fmt == "hf" else None)
+        examples, problems = read_examples(args.data, fmt, strict=args.strict, split=args.split, template=args.template,
+                                           images_dir=images_dir, lang=args.lang, keep_empty_references=True)
         report_problems(problems, len(examples))
         data_name = str(args.data)
     elif args.version:
@@ -333,13 +351,7 @@ def _run(args: argparse.Namespace) -> Report:
         examples = examples[: args.limit]
     if not examples:
         raise DataError(f"no usable examples in {data_name}")
-    synonyms = None
-    if args.synonyms:
-        try:
-            synonyms = json.loads(args.synonyms.read_text(encoding="utf-8"))
-            assert isinstance(synonyms, dict)
-        except (OSError, ValueError, AssertionError):
-            raise DataError(f"{args.synonyms}: expected a JSON object {{label: [synonyms]}}") from None
+    synonyms = _synonyms(args.synonyms)
     loaded = load_model(model, device=settings.device, dtype=settings.dtype, image_splitting=settings.image_splitting,
                         longest_edge=settings.longest_edge)
     engine = Engine(loaded, settings)
@@ -351,5 +363,40 @@ def _run(args: argparse.Namespace) -> Report:
                              progress=not args.no_progress, bertscore_model=args.bertscore_model,
                              bertscore_layers=args.bertscore_layers, synonyms=synonyms)
     report.meta.update(model=str(model), adapter=str(adapter) if adapter else None, data=data_name)
+    _write_predictions(args.out, report)
+    return report
+
+
+def _write_predictions(out: Path, report: Report) -> Path:
+    """predictions.jsonl (id, prediction) beside the report, for `--predictions` scoring against the official references."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predictions.jsonl"
+    rows = ({"id": e["id"], "prediction": e["prediction"], **({"label": e["label"]} if e.get("label") else {})} for e in report.per_example)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _synonyms(path: Path | None) -> dict[str, list[str]] | None:
+    if path is None:
+        return None
+    try:
+        synonyms = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(synonyms, dict)
+    except (OSError, ValueError, AssertionError):
+        raise DataError(f"{path}: expected a JSON object {{label: [synonyms]}}") from None
+    return synonyms
+
+
+def _score(args: argparse.Namespace):
+    """Score-only mode: no model, no images."""
+    from training.eval.score import score_files
+
+    if args.adapter or args.version or args.data:
+        raise DataError("--predictions scores a file without a model: leave out --adapter, --version and --data")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else SCORE_METRICS
+    report = score_files(args.predictions, args.references, lang=args.lang, weights=args.weights, userinfo=args.userinfo,
+                         metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers,
+                         synonyms=_synonyms(args.synonyms))
+    report.meta["out"] = str(args.out)
     return report
 

