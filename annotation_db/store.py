@@ -5,7 +5,7 @@ their question, answer, images, template, settings and model version; ratings ar
 append-only (re-rating adds a row; the latest row per turn and rater is the
 effective one). Reads for the app (review queue, conversation history) and for
 training (gold pairs) live here too; model versions, training runs, the eval split
-and the refine lock are in `versions.py`, statistics in `stats.py`, and all of them
+and the refine lock are in `versions.py`, statistics in `stats.py`, erasure in `erase.py`, and all of them
 are re-exported from here, so `from annotation_db import store` is all a caller needs.
 
 Writes are not committed here: the caller's `Store.session()` / `session_scope()`
@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
-from .errors import InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound
 from .models import (
     RATER_ROLES,
     Conversation,
@@ -187,13 +187,15 @@ def record_turn(
     if model_version_id is not None and s.get(ModelVersion, model_version_id) is None:
         raise NotFound(f"no model version with id {model_version_id}")
     hashes = check_hashes(image_hashes)
+    write_lock(s)  # two writers in one conversation must not both take the same seq; no erasure runs meanwhile
+    if s.scalar(select(Conversation.erased_at).where(Conversation.id == conversation_id)) is not None:
+        raise Conflict(f"conversation {conversation_id} was erased; start a new one")
     images = []
-    for h in hashes:
+    for h in hashes:  # looked up under the lock: an erasure may have just removed an image row
         image = s.scalar(select(Image).where(Image.sha256 == h))
         if image is None:
-            raise NotFound(f"image {h[:12]}… was never recorded; call record_image first")
+            raise NotFound(f"image {h[:12]}… was never recorded (or was erased); call record_image first")
         images.append(image)
-    write_lock(s)  # two writers in one conversation must not both take the same seq
     seq = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
     turn = Turn(
         conversation_id=conversation_id, seq=seq, question=question, answer=answer,
@@ -249,8 +251,11 @@ def images_up_to(per_conv: list[tuple[int, str]], seq: int) -> list[str]:
 
 def conversation_history(s: Session, conversation_id: int) -> list[HistoryTurn]:
     """The turns of a conversation, oldest first, each with the images given in it."""
-    if s.get(Conversation, conversation_id) is None:
+    conv = s.get(Conversation, conversation_id)
+    if conv is None:
         raise NotFound(f"no conversation with id {conversation_id}")
+    if conv.erased_at is not None:
+        raise NotFound(f"conversation {conversation_id} was erased")
     images = _turn_images(s, [conversation_id])[conversation_id]
     turns = s.scalars(select(Turn).where(Turn.conversation_id == conversation_id).order_by(Turn.seq))
     return [
@@ -304,6 +309,8 @@ def add_rating(
     turn = s.scalar(q)
     if turn is None:
         raise NotFound(f"no turn with id {turn_id}")
+    if turn.conversation.erased_at is not None:
+        raise Conflict(f"answer #{turn_id} was erased and can no longer be rated")
     rater = get_user(s, rater_id)
     rating = Rating(
         turn_id=turn_id, rater_id=rater_id, model_version_id=turn.model_version_id, score=score,
@@ -356,6 +363,7 @@ def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None):
     q = q.where(
         Turn.expert_raters.in_(range(need)),  # an IN list keeps the (expert_raters, id) index usable
         Turn.status != TurnStatus.error,
+        Conversation.erased_at.is_(None),
         Conversation.user_id != rater_id,
         ~own.exists(),
     )
@@ -397,6 +405,7 @@ def review_queue_count(s: Session, rater_id: int, *, need: int = 1,
     return s.scalar(_queue_filter(q, rater_id, need, model_version_id))
 
 
+from .erase import Erased, erase, list_erasures  # noqa: E402,F401  re-exported
 from .gold import GoldConflict, GoldPair, GoldResult, PreferencePair, gold_pairs  # noqa: E402,F401  re-exported
 from .stats import agreement, stats_by_version, stats_over_time  # noqa: E402,F401  re-exported
 from .versions import (  # noqa: E402,F401  re-exported
