@@ -1,9 +1,9 @@
-"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate).
+"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate, /erase).
 
     demo = build_demo(settings, engine, store)          # what tests build
     demo.launch(**launch_kwargs(demo))                  # what `python -m demo` and app.py do
 
-Only wiring lives here: the handlers are in `consult`, `review` and `insights`.
+Only wiring lives here: the handlers are in `consult`, `review`, `insights` and `admin`.
 Generation events share one concurrency slot ("generate", `DemoOptions.concurrency`),
 so the model never runs twice at once and queued users see their position;
 rating, review and insights run in their own slots and never wait behind it.
@@ -18,8 +18,9 @@ import gradio as gr
 from core.config import Settings
 from core.prompts import FITZPATRICK, MODALITIES, TEMPLATE_LABELS, TEMPLATES
 from demo import EXAMPLES_DIR
+from demo.admin import TOMBSTONE_COLUMNS, Admin
 from demo.auth import AuthConfig, Denied
-from demo.common import FLAG_CHOICES, NOTICE, SCORE_CHOICES, Ctx
+from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
 from demo.review import Review, ReviewState
@@ -86,9 +87,10 @@ def build_demo(
         with gr.Tabs():
             consult = Consult(ctx)  # one for the page and the API: Stop finds answers by user and session
             rate_box, thumbs_hint = _consult_tab(consult, generate)
-            refused, review_panel = _review_tab(ctx)
+            admin = Admin(ctx)
+            refused, review_panel, erase_box = _review_tab(ctx, admin)
             export_box, rollback_box = _insights_tab(ctx)
-        _api(consult, generate)
+        _api(consult, admin, generate)
 
         def on_load(request: gr.Request):
             """Show each person what their role allows (the handlers check again, server-side)."""
@@ -104,9 +106,10 @@ def build_demo(
                        "access refused.")
             return (line, gr.update(visible=who.can_rate), gr.update(visible=not who.can_rate),
                     gr.update(visible=not who.can_rate, value=refusal), gr.update(visible=who.can_rate),
-                    gr.update(visible=who.can_rate), gr.update(visible=who.is_admin))
+                    gr.update(visible=who.can_rate), gr.update(visible=who.is_admin), gr.update(visible=who.is_admin))
 
-        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box], **PRIVATE)
+        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box, erase_box],
+                  **PRIVATE)
     demo.queue(default_concurrency_limit=16)
     demo.dermaloop = ctx  # type: ignore[attr-defined]  # for tests and launch_kwargs
     return demo
@@ -166,8 +169,9 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
     return rate_box, thumbs_hint
 
 
-def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
-    """Review: the experts' queue. Returns the refusal note and the panel, shown by role."""
+def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Accordion]:
+    """Review: the experts' queue, and erasure for admins. Returns the refusal note, the panel and the
+    erasure box, shown by role."""
     review = Review(ctx)
     with gr.Tab("Review", id="review") as review_tab:
         r_state = gr.State(ReviewState())
@@ -189,6 +193,19 @@ def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
                 save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
                 skip_btn = gr.Button("Skip", elem_id="review-skip")
             r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+        with gr.Accordion("Erase a conversation (admins)", open=False, visible=False, elem_id="erase-box") as erase_box:
+            gr.Markdown("When a patient withdraws consent or a wrong image was uploaded: the conversation's questions, "
+                        "answers, images and rating texts are removed for good; a tombstone keeps who, when and why, "
+                        "and which model versions were trained on it (retrain those).")
+            with gr.Row():
+                e_conv = gr.Number(label="Conversation id (shown with each answer under review)", precision=0,
+                                   elem_id="erase-conversation")
+                e_reason = gr.Textbox(label="Reason", placeholder="e.g. consent withdrawn", elem_id="erase-reason")
+            e_confirm = gr.Checkbox(label="I understand this cannot be undone", value=False, elem_id="erase-confirm")
+            e_btn = gr.Button("Erase conversation", variant="stop", elem_id="erase-button")
+            e_status = gr.Markdown("", elem_id="erase-status")
+            e_table = gr.Dataframe(headers=TOMBSTONE_COLUMNS, label="Erasures (tombstones)", interactive=False,
+                                   elem_id="erase-table")
 
     review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
                   r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
@@ -198,7 +215,9 @@ def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
     save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
                    review_out, **PRIVATE)
     skip_btn.click(review.skip, [r_state, blind], review_out, **PRIVATE)
-    return refused, review_panel
+    e_btn.click(admin.erase, [e_conv, e_reason, e_confirm], [e_status, e_table, e_confirm], api_name="admin_erase", **PRIVATE)
+    erase_box.expand(admin.tombstones, None, [e_table], **PRIVATE)
+    return refused, review_panel, erase_box
 
 
 def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
@@ -244,8 +263,8 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
     return export_box, rollback_box
 
 
-def _api(consult: Consult, generate: dict[str, Any]) -> None:
-    """The named API `/ask` and `/rate` (hidden components; documented in docs/api.md)."""
+def _api(consult: Consult, admin: Admin, generate: dict[str, Any]) -> None:
+    """The named API `/ask`, `/rate` and `/erase` (hidden components; documented in docs/api.md)."""
     with gr.Column(visible=False):
         api_images = gr.File(file_count="multiple", type="filepath", label="images")
         api_question = gr.Textbox(label="question")
@@ -261,13 +280,18 @@ def _api(consult: Consult, generate: dict[str, Any]) -> None:
         api_correction = gr.Textbox(label="correction")
         api_diagnosis = gr.Textbox(label="diagnosis")
         api_comment = gr.Textbox(label="comment")
+        api_flags = gr.Dropdown(FLAG_VALUES, multiselect=True, allow_custom_value=True, value=[], label="flags")
         api_rating = gr.Number(label="rating_id", precision=0)
+        api_reason = gr.Textbox(label="reason")
+        api_tombstone = gr.Textbox(label="tombstone")
         api_ask_btn = gr.Button("ask")
         api_rate_btn = gr.Button("rate")
+        api_erase_btn = gr.Button("erase")
     api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
                       [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
-    api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment],
+    api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment, api_flags],
                        [api_rating], api_name="rate")
+    api_erase_btn.click(admin.api_erase, [api_conversation, api_reason], [api_tombstone], api_name="erase")
 
 
 def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from core.errors import DermaLoopError, InputError
 from core.images import StoredImage, intake_many, load_stored
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from demo.auth import Denied, Identity
-from demo.common import Ctx, admit, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
+from demo.common import Ctx, admit, ensure_user, model_markdown, parse_flags, parse_id, parse_score, plain, save_rating, user_errors
 from demo.security import is_example_copy
 
 log = logging.getLogger("dermaloop.demo")
@@ -373,11 +373,13 @@ class Consult:
         return ClinicalContext.from_dict(context), turns
 
     def api_rate(self, turn_id: Any, score: Any, correction: str, diagnosis: str, comment: str,
-                 request: gr.Request) -> int:
-        """/rate: (turn id, score 1-5, correction, diagnosis, comment) -> rating id, as the signed-in expert."""
+                 flags: Any = None, request: gr.Request = None) -> int:
+        """/rate: (turn id, score 1-5, correction, diagnosis, comment, flags) -> rating id, as the signed-in expert.
+        Flags: a list (or comma-separated text) of hallucination, unsafe, incomplete, wrong_diagnosis;
+        optional, so clients written before flags existed keep working."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
             admit(self.ctx, who, request)
             saved = save_rating(self.ctx, who, parse_id(turn_id, "turn id"), parse_score(score), correction=correction,
-                                diagnosis=diagnosis, comment=comment)
+                                diagnosis=diagnosis, comment=comment, flags=parse_flags(flags))
         return saved.id
