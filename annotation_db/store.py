@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, case, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
@@ -356,26 +356,46 @@ class ReviewItem:
     model_version: str | None  # name, e.g. "v3"
     model_version_id: int | None
     created: datetime
+    seq: int = 0  # 0: the first question; later: a follow-up (earlier turns: conversation_history)
 
 
-def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None):
+LOW_SCORE = 2  # an effective rating at or below this (a thumbs down is 1) puts a turn under "low score"
+
+
+def _flagged():
+    return select(Rating.id).where(Rating.turn_id == Turn.id, cast(Rating.flags, String) != "[]").exists()
+
+
+def _low_score():
+    return select(Rating.id).where(Rating.turn_id == Turn.id, Rating.score <= LOW_SCORE, is_effective()).exists()
+
+
+def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None, *, include_own: bool = False,
+                  flagged: bool = False, low_score: bool = False):
     own = select(Rating.id).where(Rating.turn_id == Turn.id, Rating.rater_id == rater_id)
     q = q.where(
         Turn.expert_raters.in_(range(need)),  # an IN list keeps the (expert_raters, id) index usable
         Turn.status != TurnStatus.error,
         Conversation.erased_at.is_(None),
-        Conversation.user_id != rater_id,
         ~own.exists(),
     )
+    if not include_own:
+        q = q.where(Conversation.user_id != rater_id)
     if model_version_id is not None:
         q = q.where(Turn.model_version_id == model_version_id)
+    if flagged:
+        q = q.where(_flagged())
+    if low_score:
+        q = q.where(_low_score())
     return q
 
 
 def review_queue(s: Session, rater_id: int, *, need: int = 1, model_version_id: int | None = None,
-                 limit: int = 1, offset: int = 0) -> list[ReviewItem]:
+                 limit: int = 1, offset: int = 0, include_own: bool = False, flagged: bool = False,
+                 low_score: bool = False) -> list[ReviewItem]:
     """Turns with fewer than `need` expert reviews, oldest first, that `rater_id` did not
-    ask and has not rated yet (thumbs included)."""
+    ask (unless `include_own`: one person trying the whole loop) and has not rated yet
+    (thumbs included); optionally only one version's, flagged ones, or low-scored ones."""
     check_int(need, "need", lo=1, hi=1000)
     check_int(limit, "limit", lo=0, hi=10_000)
     check_int(offset, "offset", lo=0)
@@ -385,24 +405,46 @@ def review_queue(s: Session, rater_id: int, *, need: int = 1, model_version_id: 
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id)
     )
+    filters = dict(include_own=include_own, flagged=flagged, low_score=low_score)
     rows = s.execute(
-        _queue_filter(q, rater_id, need, model_version_id).order_by(Turn.id).limit(limit).offset(offset)
+        _queue_filter(q, rater_id, need, model_version_id, **filters).order_by(Turn.id).limit(limit).offset(offset)
     ).all()
     images = _turn_images(s, [r.conversation_id for r in rows])
     return [
         ReviewItem(
             turn_id=r.id, conversation_id=r.conversation_id, question=r.question, answer=r.answer,
             context=r.context or {}, image_hashes=images_up_to(images[r.conversation_id], r.seq),
-            model_version=r.name, model_version_id=r.model_version_id, created=as_utc(r.created_at),
+            model_version=r.name, model_version_id=r.model_version_id, created=as_utc(r.created_at), seq=r.seq,
         )
         for r in rows
     ]
 
 
-def review_queue_count(s: Session, rater_id: int, *, need: int = 1,
-                       model_version_id: int | None = None) -> int:
+def review_queue_count(s: Session, rater_id: int, *, need: int = 1, model_version_id: int | None = None,
+                       include_own: bool = False, flagged: bool = False, low_score: bool = False) -> int:
     q = select(func.count()).select_from(Turn).join(Conversation, Conversation.id == Turn.conversation_id)
-    return s.scalar(_queue_filter(q, rater_id, need, model_version_id))
+    return s.scalar(_queue_filter(q, rater_id, need, model_version_id, include_own=include_own, flagged=flagged,
+                                  low_score=low_score))
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    total: int
+    flagged: int
+    low_score: int
+    by_version: dict[str, int]  # version name ("(none)" for none) -> answers waiting
+
+
+def review_queue_counts(s: Session, rater_id: int, *, need: int = 1, include_own: bool = False) -> QueueCounts:
+    """How many answers wait for `rater_id` in all, flagged, low-scored and per model version (one query)."""
+    q = (select(ModelVersion.name, func.count(), func.sum(case((_flagged(), 1), else_=0)),
+                func.sum(case((_low_score(), 1), else_=0)))
+         .select_from(Turn).join(Conversation, Conversation.id == Turn.conversation_id)
+         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id))
+    rows = s.execute(_queue_filter(q, rater_id, need, None, include_own=include_own)
+                     .group_by(ModelVersion.id, ModelVersion.name).order_by(ModelVersion.id)).all()
+    return QueueCounts(sum(r[1] for r in rows), int(sum(r[2] or 0 for r in rows)), int(sum(r[3] or 0 for r in rows)),
+                       {(r[0] or "(none)"): r[1] for r in rows})
 
 
 from .erase import Erased, erase, list_erasures  # noqa: E402,F401  re-exported

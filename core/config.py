@@ -54,6 +54,9 @@ class Settings:
     repetition_penalty: float = 1.1
     local_user: str = "local-expert"  # the single user of local mode (role expert)
     offline_demo: bool = False  # DERMALOOP_OFFLINE_DEMO: use the offline demonstration model and its own data (<home>/offline-demo)
+    review_own_answers: bool = dataclasses.field(default=False, metadata={"help": (
+        "let a rater review answers to their own questions in the Review tab (off: experts review others' answers; "
+        "on: one person can try the whole loop, e.g. in local mode)")})
 
     @property
     def db_url(self) -> str:

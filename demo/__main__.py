@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--versions", action="store_true",
                         help="print the versions of torch, transformers, peft... and known-bad combinations, then exit")
     add_settings_args(parser, only=("home", "model", "db", "device", "dtype", "image_splitting", "max_new_tokens", "local_user",
-                                    "offline_demo"))
+                                    "offline_demo", "review_own_answers"))
     return parser
 
 

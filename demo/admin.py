@@ -57,13 +57,13 @@ class Admin:
         return pd.DataFrame(rows, columns=TOMBSTONE_COLUMNS)
 
     def erase(self, conversation_id: Any, reason: str, confirm: bool, request: gr.Request) -> tuple:
-        """The page: outputs (status, tombstones table, confirm box cleared)."""
+        """The page: outputs (status, tombstones table)."""
         with user_errors():
             if not confirm:
                 raise gr.Error("tick the box to confirm: an erasure cannot be undone", print_exception=False)
             done = self._erase(conversation_id, reason, request)
         gr.Info(f"conversation {done.conversation_id} erased")
-        return f"✅ {done.message}", self.tombstones(request), False
+        return f"✅ {done.message}", self.tombstones(request)
 
     def api_erase(self, conversation_id: Any, reason: str, request: gr.Request) -> str:
         """/erase: (conversation id, reason) -> the tombstone as JSON (who, when, why, counts, versions to retrain)."""

@@ -23,7 +23,8 @@ from demo.auth import AuthConfig, Denied
 from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
-from demo.review import Review, ReviewState
+from demo.keys import KEYS_JS
+from demo.review import KEYS_LEGEND, Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
 
 CSS = """
@@ -181,9 +182,17 @@ def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Acco
                 counter = gr.Markdown("", elem_id="review-counter")
                 blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
                 reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+            with gr.Row(equal_height=True):
+                show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
+                                label="Show", elem_id="review-show", scale=2)
+                version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
+                                      scale=1)
+            gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
             with gr.Row():
-                gallery = gr.Gallery(label="Images", height=300, columns=2, interactive=False, scale=2)
+                gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
+                                     columns=2, interactive=False, scale=2, elem_id="review-images")
                 with gr.Column(scale=3):
+                    r_history = gr.Markdown("", elem_id="review-history")
                     r_context = gr.Markdown("", elem_id="review-context")
                     r_question = gr.Markdown("", elem_id="review-question")
                     r_answer = gr.Markdown("", elem_id="review-answer", container=True)
@@ -208,14 +217,16 @@ def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Acco
                                    elem_id="erase-table")
 
     review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
-                  r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
+                  r_score, r_correction, r_diagnosis, r_flags, r_comment, r_history, show, version, r_status]
+    gr.on([show.input, version.input], review.filter, [r_state, blind, show, version], review_out, **PRIVATE)
     review_tab.select(review.open, [r_state, blind], review_out, **PRIVATE)
     reload_btn.click(review.load, [r_state, blind], review_out, **PRIVATE)
     blind.change(review.load, [r_state, blind], review_out, **PRIVATE)
     save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
                    review_out, **PRIVATE)
     skip_btn.click(review.skip, [r_state, blind], review_out, **PRIVATE)
-    e_btn.click(admin.erase, [e_conv, e_reason, e_confirm], [e_status, e_table, e_confirm], api_name="admin_erase", **PRIVATE)
+    e_btn.click(admin.erase, [e_conv, e_reason, e_confirm], [e_status, e_table], api_name="admin_erase",
+                **PRIVATE).success(lambda: False, None, e_confirm, **PRIVATE)  # each erasure confirmed anew
     erase_box.expand(admin.tombstones, None, [e_table], **PRIVATE)
     return refused, review_panel, erase_box
 
@@ -301,6 +312,7 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
         "max_file_size": ctx.settings.max_upload_bytes,
         "allowed_paths": [str(EXAMPLES_DIR)],
         "css": CSS,
+        "js": KEYS_JS,  # the Review tab's keyboard path
         "theme": gr.themes.Soft(primary_hue="teal"),
         "footer_links": ["api", "settings"],
         "run_history": False,  # never keep clinical questions in the browser

@@ -35,8 +35,8 @@ def test_an_admin_erases_a_conversation_and_its_image_files_in_the_app(ctx, tmp_
         admin.erase(1, "consent withdrawn", True, req("eve"))
     with pytest.raises(gr.Error, match="reason"):
         admin.erase(1, "", True, req("ada"))
-    status, table, confirm = admin.erase(1, "consent withdrawn", True, req("ada"))
-    assert "Conversation 1 erased: 1 turn(s), 1 rating(s)" in status and confirm is False
+    status, table = admin.erase(1, "consent withdrawn", True, req("ada"))
+    assert "Conversation 1 erased: 1 turn(s), 1 rating(s)" in status
     assert table.iloc[0][["conversation", "erased by", "reason"]].tolist() == [1, "ada", "consent withdrawn"]
     assert not image_path(ctx.settings.images_dir, sha).exists()
     assert counts(store) == {"turns": 1, "ratings": 0}
