@@ -125,6 +125,9 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
             with gr.Column(scale=2, min_width=300):
                 files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
                                 file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
+                thumbs = gr.Gallery(label="Your images", height=140, columns=4, interactive=False, visible=True,
+                                    elem_id="dl-thumbs", buttons=["fullscreen"], show_label=False)
+                hints = gr.Markdown("", elem_id="dl-hints")
                 template = gr.Dropdown([(TEMPLATE_LABELS.get(k, k), k) for k in TEMPLATES], value="free",
                                        label="Prompt", elem_id="dl-template")
                 with gr.Accordion("Clinical context (optional, applies to the whole case)", open=False):
@@ -163,6 +166,7 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
           outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
     stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
     files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)
+    files.change(consult.preview, [files], [thumbs, hints], queue=False, **PRIVATE)
     new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **PRIVATE)
     chatbot.like(consult.like, [case], [rate_status], **PRIVATE)
     rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],

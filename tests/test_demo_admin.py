@@ -24,7 +24,7 @@ def test_an_admin_erases_a_conversation_and_its_image_files_in_the_app(ctx, tmp_
     consult = Consult(ctx)
     ask(consult, Case(), [save_png(tmp_path / "a.png")], "Withdrawn question?", who="cara")
     ask(consult, Case(), [save_png(tmp_path / "b.png", draw_lesion(colour=(10, 200, 10)))], "Kept question?", who="cara")
-    assert consult.api_rate(1, 2, "A corrected answer.", "eczema", "", ["unsafe"], req("eve")) >= 1
+    assert consult.api_rate(1, 2, "A corrected answer.", "eczema", "", req("eve"), ["unsafe"]) >= 1
     with store.session() as s:
         sha = st.conversation_history(s, 1)[0].image_hashes[0]
     assert image_path(ctx.settings.images_dir, sha).is_file()
@@ -51,7 +51,7 @@ def test_an_admin_erases_a_conversation_and_its_image_files_in_the_app(ctx, tmp_
 def test_api_erase_returns_the_tombstone_and_names_versions_to_retrain(ctx, tmp_path, store):  # noqa: F811
     consult = Consult(ctx)
     _, cid, tid, _ = consult.api_ask([save_png(tmp_path / "a.png")], "What is it?", "", "", req("cara"))
-    rating = consult.api_rate(tid, 5, "", "", "", None, req("eve"))
+    rating = consult.api_rate(tid, 5, "", "", "", req("eve"))
     with store.session() as s:  # a refine run learned from that rating and produced v2
         run = st.start_training_run(s, {"method": "sft"})
         st.finish_training_run(s, run.id, status="completed", rating_ids=[rating])
@@ -66,9 +66,9 @@ def test_api_erase_returns_the_tombstone_and_names_versions_to_retrain(ctx, tmp_
 def test_rate_takes_flags_as_a_list_or_text_and_names_an_unknown_one(ctx, tmp_path, store):  # noqa: F811
     consult = Consult(ctx)
     _, _, tid, _ = consult.api_ask([save_png(tmp_path / "a.png")], "What is it?", "", "", req("cara"))
-    consult.api_rate(tid, 2, "", "", "", ["unsafe", "hallucination"], req("eve"))
-    consult.api_rate(tid, 3, "", "", "", "incomplete, wrong_diagnosis", req("max"))
+    consult.api_rate(tid, 2, "", "", "", req("eve"), ["unsafe", "hallucination"])
+    consult.api_rate(tid, 3, "", "", "", req("max"), flags="incomplete, wrong_diagnosis")
     with store.session() as s:
         assert [r.flags for r in st.effective_ratings(s, tid)] == [["hallucination", "unsafe"], ["incomplete", "wrong_diagnosis"]]
     with pytest.raises(gr.Error, match="unknown flag 'rude'"):
-        consult.api_rate(tid, 3, "", "", "", ["rude"], req("max"))
+        consult.api_rate(tid, 3, "", "", "", req("max"), ["rude"])

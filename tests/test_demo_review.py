@@ -37,8 +37,8 @@ def test_filters_have_counts_and_narrow_the_queue(ctx, tmp_path, store):  # noqa
     consult = Consult(ctx)
     for i in range(3):
         ask(consult, Case(), [save_png(tmp_path / f"{i}.png", draw_lesion(colour=(60 * i, 60, 40)))], f"Question {i}?", who="cara")
-    consult.api_rate(1, 4, "", "", "", ["incomplete"], req("eve"))  # flagged
-    consult.api_rate(2, 1, "", "", "", None, req("eve"))  # low score
+    consult.api_rate(1, 4, "", "", "", req("eve"), ["incomplete"])  # flagged
+    consult.api_rate(2, 1, "", "", "", req("eve"))  # low score
     review, state = Review(ctx), ReviewState()
     out = review.load(state, False, req("max"))
     assert out[13]["choices"] == [("All (3)", "all"), ("Flagged (1)", "flagged"), ("Low score (1)", "low")]
