@@ -72,3 +72,16 @@ def test_own_answers_are_reviewable_only_when_the_setting_allows(settings, tiny_
     with store.session() as s:
         assert [r.score for r in st.effective_ratings(s, tid)] == [4]
         assert st.review_queue_count(s, st.get_or_create_user(s, "solo").id, include_own=True) == 0
+
+
+def test_insights_say_in_words_what_is_missing_instead_of_empty_frames(ctx, tmp_path):  # noqa: F811
+    from demo.insights import Insights
+
+    outs = Insights(ctx).refresh(req("eve"))
+    assert "No answers yet" in outs[-1] and "No refinement yet" in outs[-1]
+    assert all(outs[i]["visible"] is False for i in (1, 2, 3, 6))  # no empty plot frames
+    ask(Consult(ctx), Case(), [save_png(tmp_path / "a.png")], "What?", who="cara")
+    Consult(ctx).api_rate(1, 4, "", "", "", req("eve"))
+    outs = Insights(ctx).refresh(req("eve"))
+    assert outs[1]["visible"] is True and outs[3]["visible"] is False  # one day of ratings: no one-point trend line
+    assert "two days" in outs[-1] and "No answers yet" not in outs[-1]
