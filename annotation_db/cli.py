@@ -3,6 +3,7 @@
     python -m annotation_db upgrade                 # migrate to the newest schema, keeping every row
     python -m annotation_db export --format parquet --out exports/
     python -m annotation_db stats                   # per model version, agreement
+    python -m annotation_db erase 12 --by ADMIN --reason "consent withdrawn"   # erase a conversation
 
 The database is `--db URL`, else DERMALOOP_DB, else SQLite in `--home DIR`
 (default DERMALOOP_HOME, else ./dermaloop-data). Bad flags or input: one line on
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--images", type=Path, help="images folder for --format hf (default: HOME/images)")
     st = sub.add_parser("stats", parents=[common], help="statistics per model version and agreement")
     st.add_argument("--over-time", metavar="FREQ", help="also per period: D, W or M")
+    er = sub.add_parser("erase", parents=[common], help="erase a conversation's content (turns, images, ratings)")
+    er.add_argument("conversation_id", type=int)
+    er.add_argument("--by", required=True, help="the admin's user name (recorded in the tombstone)")
+    er.add_argument("--reason", required=True, help="why (recorded in the tombstone), e.g. consent withdrawn")
     return p
 
 
@@ -73,6 +78,12 @@ def run(argv: list[str] | None = None) -> int:
                     images = _home(args) / "images"
                 counts = export(store, args.format, args.out, images)
                 print(", ".join(f"{k}: {v}" for k, v in counts.items()), f"-> {args.out}")
+            elif args.command == "erase":
+                from .erase import erase_conversation
+
+                done = erase_conversation(store, args.conversation_id, by=args.by, reason=args.reason,
+                                          images_dir=_home(args) / "images")
+                print(done.message)
             else:
                 _print_stats(store, args.over_time)
         finally:

@@ -4,7 +4,7 @@
 
 Four tables: `turns` (conversations with their turns), `ratings` (every rating,
 the effective ones marked), `gold_pairs` and `preference_pairs` (as training sees
-them). Images appear only as content hashes, or in the `hf` format as pixels
+them); erased conversations (`erase.py`) are left out of all four. Images appear only as content hashes, or in the `hf` format as pixels
 re-encoded from the stored PNGs with no metadata at all: no file names, no EXIF,
 no text chunks, no sizes.
 """
@@ -37,6 +37,7 @@ def turns_frame(s: Session) -> pd.DataFrame:
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .join(User, User.id == Conversation.user_id)
         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id)
+        .where(Conversation.erased_at.is_(None))
         .order_by(Turn.id)
     ).all()
     cols = ["conversation_id", "user_id", "user_role", "context", "turn_id", "seq", "question",
@@ -59,7 +60,10 @@ def ratings_frame(s: Session) -> pd.DataFrame:
                Rating.correction, Rating.diagnosis, Rating.flags, Rating.comment, ModelVersion.name,
                Rating.created_at)
         .join(User, User.id == Rating.rater_id)
+        .join(Turn, Turn.id == Rating.turn_id)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
         .outerjoin(ModelVersion, ModelVersion.id == Rating.model_version_id)
+        .where(Conversation.erased_at.is_(None))
         .order_by(Rating.id)
     ).all()
     df = pd.DataFrame(rows, columns=["rating_id", "turn_id", "rater_id", "rater_role", "kind", "score",

@@ -134,6 +134,7 @@ def gold_pairs(s: Session, *, accept_threshold: float = 4.0,
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .outerjoin(win, win.id == r.c.win_id)
         .outerjoin(lab, lab.id == r.c.label_id)
+        .where(Conversation.erased_at.is_(None))  # an erased conversation teaches nothing
         .order_by(r.c.turn_id)
     )
     with _gc_paused():

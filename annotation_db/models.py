@@ -7,7 +7,9 @@ convention, foreign keys with `ondelete` and an index, non-native enums (a
 VARCHAR plus a named CHECK) so SQLite and PostgreSQL behave alike.
 
 What may never be lost is protected by `ondelete="RESTRICT"`: a user, turn or
-image that ratings or lineage point at cannot be deleted from under them.
+image that ratings or lineage point at cannot be deleted from under them. The one
+sanctioned removal of content is an erasure (`erase.py`): the rows stay, their
+text and image links go, and an `Erasure` tombstone says who, when and why.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ class Conversation(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
     context: Mapped[dict[str, Any]] = mapped_column(default=dict)  # age, sex, site, duration...
+    # Set by an erasure (the tombstone is in `erasures`): every read for people, exports and training skips it.
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship()
     turns: Mapped[list[Turn]] = relationship(back_populates="conversation", order_by="Turn.seq")
@@ -301,6 +305,27 @@ class EvalSplit(TimestampMixin, Base):
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     split: Mapped[Split] = mapped_column(_enum(Split, "split"))
+
+
+class Erasure(TimestampMixin, Base):
+    """The tombstone of an erased conversation: who erased it, when (created_at) and why, what was
+    removed (ids kept, so counts and lineage still add up) and which model versions learned from it."""
+
+    __tablename__ = "erasures"
+    __table_args__ = (UniqueConstraint("conversation_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="RESTRICT"))
+    erased_by_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    turn_ids: Mapped[list[Any]] = mapped_column(default=list)  # their question and answer text removed
+    rating_ids: Mapped[list[Any]] = mapped_column(default=list)  # their correction, label and comment removed
+    images_unlinked: Mapped[int] = mapped_column(Integer, default=0)
+    images_deleted: Mapped[int] = mapped_column(Integer, default=0)  # used by no other conversation: row and file gone
+    trained_versions: Mapped[list[Any]] = mapped_column(default=list)  # version names that learned from it: retrain
+    training_runs: Mapped[list[Any]] = mapped_column(default=list)  # run ids whose lineage holds its ratings
+
+    erased_by: Mapped[User] = relationship()
 
 
 class Lock(TimestampMixin, Base):

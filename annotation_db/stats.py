@@ -1,6 +1,6 @@
 """Statistics over the store: per model version, over time, and inter-rater agreement.
 
-Only effective ratings count (the latest per turn and rater). Scores, corrections
+Only effective ratings count (the latest per turn and rater); erased conversations do not count. Scores, corrections
 and flags come from full reviews; thumbs are reported on their own. Agreement uses
 the `krippendorff` package (ordinal alpha on scores, nominal alpha and raw pairwise
 agreement on diagnosis labels) and `rapidfuzz` for pairwise correction similarity.
@@ -16,7 +16,7 @@ import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import RATER_ROLES, ModelVersion, Rating, RatingKind, Role, Turn, User
+from .models import RATER_ROLES, Conversation, ModelVersion, Rating, RatingKind, Role, Turn, User
 
 STAT_COLUMNS = ["version", "version_id", "status", "answers", "rated_answers", "ratings",
                 "mean_score", "share_corrected", "share_unsafe", "share_hallucination",
@@ -31,8 +31,9 @@ def _effective_frame(s: Session) -> pd.DataFrame:
                Rating.diagnosis, Rating.flags, Rating.kind, Rating.created_at,
                Turn.model_version_id, User.role)
         .join(Turn, Turn.id == Rating.turn_id)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
         .join(User, User.id == Rating.rater_id)
-        .where(is_effective())
+        .where(is_effective(), Conversation.erased_at.is_(None))
     ).all()
     df = pd.DataFrame(rows, columns=["rating_id", "turn_id", "rater_id", "score", "correction",
                                      "diagnosis", "flags", "kind", "created_at", "model_version_id",
@@ -60,7 +61,9 @@ def _summarise(full: pd.DataFrame, thumbs: pd.DataFrame) -> dict:
 
 def stats_by_version(s: Session) -> pd.DataFrame:
     """One row per model version: answers, mean score, shares corrected / unsafe / hallucinated."""
-    answers = dict(s.execute(select(Turn.model_version_id, func.count()).group_by(Turn.model_version_id)).all())
+    answers = dict(s.execute(select(Turn.model_version_id, func.count())
+                             .join(Conversation, Conversation.id == Turn.conversation_id)
+                             .where(Conversation.erased_at.is_(None)).group_by(Turn.model_version_id)).all())
     versions = [(v.id, v.name, v.status.value) for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
     if None in answers:
         versions.append((None, "(none)", ""))

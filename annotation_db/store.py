@@ -5,7 +5,7 @@ their question, answer, images, template, settings and model version; ratings ar
 append-only (re-rating adds a row; the latest row per turn and rater is the
 effective one). Reads for the app (review queue, conversation history) and for
 training (gold pairs) live here too; model versions, training runs, the eval split
-and the refine lock are in `versions.py`, statistics in `stats.py`, and all of them
+and the refine lock are in `versions.py`, statistics in `stats.py`, erasure in `erase.py`, and all of them
 are re-exported from here, so `from annotation_db import store` is all a caller needs.
 
 Writes are not committed here: the caller's `Store.session()` / `session_scope()`
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, case, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
 from ._util import as_utc, check_hash, check_hashes, check_int, check_json, check_text, dialect, write_lock
-from .errors import InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound
 from .models import (
     RATER_ROLES,
     Conversation,
@@ -187,13 +187,15 @@ def record_turn(
     if model_version_id is not None and s.get(ModelVersion, model_version_id) is None:
         raise NotFound(f"no model version with id {model_version_id}")
     hashes = check_hashes(image_hashes)
+    write_lock(s)  # two writers in one conversation must not both take the same seq; no erasure runs meanwhile
+    if s.scalar(select(Conversation.erased_at).where(Conversation.id == conversation_id)) is not None:
+        raise Conflict(f"conversation {conversation_id} was erased; start a new one")
     images = []
-    for h in hashes:
+    for h in hashes:  # looked up under the lock: an erasure may have just removed an image row
         image = s.scalar(select(Image).where(Image.sha256 == h))
         if image is None:
-            raise NotFound(f"image {h[:12]}… was never recorded; call record_image first")
+            raise NotFound(f"image {h[:12]}… was never recorded (or was erased); call record_image first")
         images.append(image)
-    write_lock(s)  # two writers in one conversation must not both take the same seq
     seq = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
     turn = Turn(
         conversation_id=conversation_id, seq=seq, question=question, answer=answer,
@@ -249,8 +251,11 @@ def images_up_to(per_conv: list[tuple[int, str]], seq: int) -> list[str]:
 
 def conversation_history(s: Session, conversation_id: int) -> list[HistoryTurn]:
     """The turns of a conversation, oldest first, each with the images given in it."""
-    if s.get(Conversation, conversation_id) is None:
+    conv = s.get(Conversation, conversation_id)
+    if conv is None:
         raise NotFound(f"no conversation with id {conversation_id}")
+    if conv.erased_at is not None:
+        raise NotFound(f"conversation {conversation_id} was erased")
     images = _turn_images(s, [conversation_id])[conversation_id]
     turns = s.scalars(select(Turn).where(Turn.conversation_id == conversation_id).order_by(Turn.seq))
     return [
@@ -304,6 +309,8 @@ def add_rating(
     turn = s.scalar(q)
     if turn is None:
         raise NotFound(f"no turn with id {turn_id}")
+    if turn.conversation.erased_at is not None:
+        raise Conflict(f"answer #{turn_id} was erased and can no longer be rated")
     rater = get_user(s, rater_id)
     rating = Rating(
         turn_id=turn_id, rater_id=rater_id, model_version_id=turn.model_version_id, score=score,
@@ -349,25 +356,46 @@ class ReviewItem:
     model_version: str | None  # name, e.g. "v3"
     model_version_id: int | None
     created: datetime
+    seq: int = 0  # 0: the first question; later: a follow-up (earlier turns: conversation_history)
 
 
-def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None):
+LOW_SCORE = 2  # an effective rating at or below this (a thumbs down is 1) puts a turn under "low score"
+
+
+def _flagged():
+    return select(Rating.id).where(Rating.turn_id == Turn.id, cast(Rating.flags, String) != "[]").exists()
+
+
+def _low_score():
+    return select(Rating.id).where(Rating.turn_id == Turn.id, Rating.score <= LOW_SCORE, is_effective()).exists()
+
+
+def _queue_filter(q, rater_id: int, need: int, model_version_id: int | None, *, include_own: bool = False,
+                  flagged: bool = False, low_score: bool = False):
     own = select(Rating.id).where(Rating.turn_id == Turn.id, Rating.rater_id == rater_id)
     q = q.where(
         Turn.expert_raters.in_(range(need)),  # an IN list keeps the (expert_raters, id) index usable
         Turn.status != TurnStatus.error,
-        Conversation.user_id != rater_id,
+        Conversation.erased_at.is_(None),
         ~own.exists(),
     )
+    if not include_own:
+        q = q.where(Conversation.user_id != rater_id)
     if model_version_id is not None:
         q = q.where(Turn.model_version_id == model_version_id)
+    if flagged:
+        q = q.where(_flagged())
+    if low_score:
+        q = q.where(_low_score())
     return q
 
 
 def review_queue(s: Session, rater_id: int, *, need: int = 1, model_version_id: int | None = None,
-                 limit: int = 1, offset: int = 0) -> list[ReviewItem]:
+                 limit: int = 1, offset: int = 0, include_own: bool = False, flagged: bool = False,
+                 low_score: bool = False) -> list[ReviewItem]:
     """Turns with fewer than `need` expert reviews, oldest first, that `rater_id` did not
-    ask and has not rated yet (thumbs included)."""
+    ask (unless `include_own`: one person trying the whole loop) and has not rated yet
+    (thumbs included); optionally only one version's, flagged ones, or low-scored ones."""
     check_int(need, "need", lo=1, hi=1000)
     check_int(limit, "limit", lo=0, hi=10_000)
     check_int(offset, "offset", lo=0)
@@ -377,26 +405,49 @@ def review_queue(s: Session, rater_id: int, *, need: int = 1, model_version_id: 
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id)
     )
+    filters = dict(include_own=include_own, flagged=flagged, low_score=low_score)
     rows = s.execute(
-        _queue_filter(q, rater_id, need, model_version_id).order_by(Turn.id).limit(limit).offset(offset)
+        _queue_filter(q, rater_id, need, model_version_id, **filters).order_by(Turn.id).limit(limit).offset(offset)
     ).all()
     images = _turn_images(s, [r.conversation_id for r in rows])
     return [
         ReviewItem(
             turn_id=r.id, conversation_id=r.conversation_id, question=r.question, answer=r.answer,
             context=r.context or {}, image_hashes=images_up_to(images[r.conversation_id], r.seq),
-            model_version=r.name, model_version_id=r.model_version_id, created=as_utc(r.created_at),
+            model_version=r.name, model_version_id=r.model_version_id, created=as_utc(r.created_at), seq=r.seq,
         )
         for r in rows
     ]
 
 
-def review_queue_count(s: Session, rater_id: int, *, need: int = 1,
-                       model_version_id: int | None = None) -> int:
+def review_queue_count(s: Session, rater_id: int, *, need: int = 1, model_version_id: int | None = None,
+                       include_own: bool = False, flagged: bool = False, low_score: bool = False) -> int:
     q = select(func.count()).select_from(Turn).join(Conversation, Conversation.id == Turn.conversation_id)
-    return s.scalar(_queue_filter(q, rater_id, need, model_version_id))
+    return s.scalar(_queue_filter(q, rater_id, need, model_version_id, include_own=include_own, flagged=flagged,
+                                  low_score=low_score))
 
 
+@dataclass(frozen=True)
+class QueueCounts:
+    total: int
+    flagged: int
+    low_score: int
+    by_version: dict[str, int]  # version name ("(none)" for none) -> answers waiting
+
+
+def review_queue_counts(s: Session, rater_id: int, *, need: int = 1, include_own: bool = False) -> QueueCounts:
+    """How many answers wait for `rater_id` in all, flagged, low-scored and per model version (one query)."""
+    q = (select(ModelVersion.name, func.count(), func.sum(case((_flagged(), 1), else_=0)),
+                func.sum(case((_low_score(), 1), else_=0)))
+         .select_from(Turn).join(Conversation, Conversation.id == Turn.conversation_id)
+         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id))
+    rows = s.execute(_queue_filter(q, rater_id, need, None, include_own=include_own)
+                     .group_by(ModelVersion.id, ModelVersion.name).order_by(ModelVersion.id)).all()
+    return QueueCounts(sum(r[1] for r in rows), int(sum(r[2] or 0 for r in rows)), int(sum(r[3] or 0 for r in rows)),
+                       {(r[0] or "(none)"): r[1] for r in rows})
+
+
+from .erase import Erased, erase, list_erasures  # noqa: E402,F401  re-exported
 from .gold import GoldConflict, GoldPair, GoldResult, PreferencePair, gold_pairs  # noqa: E402,F401  re-exported
 from .stats import agreement, stats_by_version, stats_over_time  # noqa: E402,F401  re-exported
 from .versions import (  # noqa: E402,F401  re-exported

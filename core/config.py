@@ -105,6 +105,8 @@ class Settings:
     repetition_penalty: float = opt(1.1, "penalty on repeated tokens (small VLMs loop without it)", minimum=0.0)
     local_user: str = opt("local-expert", "the single user of the login-free local mode (role expert)")
     offline_demo: bool = opt(False, "use the offline demonstration model and its own data (<home>/offline-demo)")
+    review_own_answers: bool = opt(False, "let a rater review answers to their own questions (on: one person can try the whole "
+                                          "loop, e.g. in local mode; off: experts review others' answers)")
 
     @property
     def db_url(self) -> str:

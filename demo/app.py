@@ -1,9 +1,9 @@
-"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate).
+"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate, /erase).
 
     demo = build_demo(settings, engine, store)          # what tests build
     demo.launch(**launch_kwargs(demo))                  # what `python -m demo` and app.py do
 
-Only wiring lives here: the handlers are in `consult`, `review` and `insights`.
+Only wiring lives here: the handlers are in `consult`, `review`, `insights` and `admin`.
 Generation events share one concurrency slot ("generate", `DemoOptions.concurrency`),
 so the model never runs twice at once and queued users see their position;
 rating, review and insights run in their own slots and never wait behind it.
@@ -18,11 +18,13 @@ import gradio as gr
 from core.config import Settings
 from core.prompts import FITZPATRICK, MODALITIES, TEMPLATE_LABELS, TEMPLATES
 from demo import EXAMPLES_DIR
+from demo.admin import TOMBSTONE_COLUMNS, Admin
 from demo.auth import AuthConfig, Denied
-from demo.common import FLAG_CHOICES, NOTICE, SCORE_CHOICES, Ctx
+from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
-from demo.review import Review, ReviewState
+from demo.keys import KEYS_JS
+from demo.review import KEYS_LEGEND, Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
 
 CSS = """
@@ -86,9 +88,10 @@ def build_demo(
         with gr.Tabs():
             consult = Consult(ctx)  # one for the page and the API: Stop finds answers by user and session
             rate_box, thumbs_hint = _consult_tab(consult, generate)
-            refused, review_panel = _review_tab(ctx)
+            admin = Admin(ctx)
+            refused, review_panel, erase_box = _review_tab(ctx, admin)
             export_box, rollback_box = _insights_tab(ctx)
-        _api(consult, generate)
+        _api(consult, admin, generate)
 
         def on_load(request: gr.Request):
             """Show each person what their role allows (the handlers check again, server-side)."""
@@ -104,9 +107,10 @@ def build_demo(
                        "access refused.")
             return (line, gr.update(visible=who.can_rate), gr.update(visible=not who.can_rate),
                     gr.update(visible=not who.can_rate, value=refusal), gr.update(visible=who.can_rate),
-                    gr.update(visible=who.can_rate), gr.update(visible=who.is_admin))
+                    gr.update(visible=who.can_rate), gr.update(visible=who.is_admin), gr.update(visible=who.is_admin))
 
-        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box], **PRIVATE)
+        demo.load(on_load, None, [who_md, rate_box, thumbs_hint, refused, review_panel, export_box, rollback_box, erase_box],
+                  **PRIVATE)
     demo.queue(default_concurrency_limit=16)
     demo.dermaloop = ctx  # type: ignore[attr-defined]  # for tests and launch_kwargs
     return demo
@@ -121,6 +125,9 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
             with gr.Column(scale=2, min_width=300):
                 files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
                                 file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
+                thumbs = gr.Gallery(label="Your images", height=140, columns=4, interactive=False, visible=True,
+                                    elem_id="dl-thumbs", buttons=["fullscreen"], show_label=False)
+                hints = gr.Markdown("", elem_id="dl-hints")
                 template = gr.Dropdown([(TEMPLATE_LABELS.get(k, k), k) for k in TEMPLATES], value="free",
                                        label="Prompt", elem_id="dl-template")
                 with gr.Accordion("Clinical context (optional, applies to the whole case)", open=False):
@@ -159,6 +166,7 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
           outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
     stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
     files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)
+    files.change(consult.preview, [files], [thumbs, hints], queue=False, **PRIVATE)
     new_btn.click(consult.new_case, None, [chatbot, case, files, question, c_correction, rate_status], **PRIVATE)
     chatbot.like(consult.like, [case], [rate_status], **PRIVATE)
     rate_btn.click(consult.rate, [case, c_score, c_correction, c_diagnosis, c_flags, c_comment], [rate_status],
@@ -166,8 +174,9 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
     return rate_box, thumbs_hint
 
 
-def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
-    """Review: the experts' queue. Returns the refusal note and the panel, shown by role."""
+def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Accordion]:
+    """Review: the experts' queue, and erasure for admins. Returns the refusal note, the panel and the
+    erasure box, shown by role."""
     review = Review(ctx)
     with gr.Tab("Review", id="review") as review_tab:
         r_state = gr.State(ReviewState())
@@ -177,9 +186,17 @@ def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
                 counter = gr.Markdown("", elem_id="review-counter")
                 blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
                 reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+            with gr.Row(equal_height=True):
+                show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
+                                label="Show", elem_id="review-show", scale=2)
+                version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
+                                      scale=1)
+            gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
             with gr.Row():
-                gallery = gr.Gallery(label="Images", height=300, columns=2, interactive=False, scale=2)
+                gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
+                                     columns=2, interactive=False, scale=2, elem_id="review-images")
                 with gr.Column(scale=3):
+                    r_history = gr.Markdown("", elem_id="review-history")
                     r_context = gr.Markdown("", elem_id="review-context")
                     r_question = gr.Markdown("", elem_id="review-question")
                     r_answer = gr.Markdown("", elem_id="review-answer", container=True)
@@ -189,16 +206,33 @@ def _review_tab(ctx: Ctx) -> tuple[gr.Markdown, gr.Column]:
                 save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
                 skip_btn = gr.Button("Skip", elem_id="review-skip")
             r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+        with gr.Accordion("Erase a conversation (admins)", open=False, visible=False, elem_id="erase-box") as erase_box:
+            gr.Markdown("When a patient withdraws consent or a wrong image was uploaded: the conversation's questions, "
+                        "answers, images and rating texts are removed for good; a tombstone keeps who, when and why, "
+                        "and which model versions were trained on it (retrain those).")
+            with gr.Row():
+                e_conv = gr.Number(label="Conversation id (shown with each answer under review)", precision=0,
+                                   elem_id="erase-conversation")
+                e_reason = gr.Textbox(label="Reason", placeholder="e.g. consent withdrawn", elem_id="erase-reason")
+            e_confirm = gr.Checkbox(label="I understand this cannot be undone", value=False, elem_id="erase-confirm")
+            e_btn = gr.Button("Erase conversation", variant="stop", elem_id="erase-button")
+            e_status = gr.Markdown("", elem_id="erase-status")
+            e_table = gr.Dataframe(headers=TOMBSTONE_COLUMNS, label="Erasures (tombstones)", interactive=False,
+                                   elem_id="erase-table")
 
     review_out = [r_state, counter, gallery, r_context, r_question, r_answer, r_version,
-                  r_score, r_correction, r_diagnosis, r_flags, r_comment, r_status]
+                  r_score, r_correction, r_diagnosis, r_flags, r_comment, r_history, show, version, r_status]
+    gr.on([show.input, version.input], review.filter, [r_state, blind, show, version], review_out, **PRIVATE)
     review_tab.select(review.open, [r_state, blind], review_out, **PRIVATE)
     reload_btn.click(review.load, [r_state, blind], review_out, **PRIVATE)
     blind.change(review.load, [r_state, blind], review_out, **PRIVATE)
     save_btn.click(review.save, [r_state, blind, r_score, r_correction, r_diagnosis, r_flags, r_comment],
                    review_out, **PRIVATE)
     skip_btn.click(review.skip, [r_state, blind], review_out, **PRIVATE)
-    return refused, review_panel
+    e_btn.click(admin.erase, [e_conv, e_reason, e_confirm], [e_status, e_table], api_name="admin_erase",
+                **PRIVATE).success(lambda: False, None, e_confirm, **PRIVATE)  # each erasure confirmed anew
+    erase_box.expand(admin.tombstones, None, [e_table], **PRIVATE)
+    return refused, review_panel, erase_box
 
 
 def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
@@ -244,8 +278,8 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
     return export_box, rollback_box
 
 
-def _api(consult: Consult, generate: dict[str, Any]) -> None:
-    """The named API `/ask` and `/rate` (hidden components; documented in docs/api.md)."""
+def _api(consult: Consult, admin: Admin, generate: dict[str, Any]) -> None:
+    """The named API `/ask`, `/rate` and `/erase` (hidden components; documented in docs/api.md)."""
     with gr.Column(visible=False):
         api_images = gr.File(file_count="multiple", type="filepath", label="images")
         api_question = gr.Textbox(label="question")
@@ -261,13 +295,18 @@ def _api(consult: Consult, generate: dict[str, Any]) -> None:
         api_correction = gr.Textbox(label="correction")
         api_diagnosis = gr.Textbox(label="diagnosis")
         api_comment = gr.Textbox(label="comment")
+        api_flags = gr.Dropdown(FLAG_VALUES, multiselect=True, allow_custom_value=True, value=[], label="flags")
         api_rating = gr.Number(label="rating_id", precision=0)
+        api_reason = gr.Textbox(label="reason")
+        api_tombstone = gr.Textbox(label="tombstone")
         api_ask_btn = gr.Button("ask")
         api_rate_btn = gr.Button("rate")
+        api_erase_btn = gr.Button("erase")
     api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
                       [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
-    api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment],
+    api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment, api_flags],
                        [api_rating], api_name="rate")
+    api_erase_btn.click(admin.api_erase, [api_conversation, api_reason], [api_tombstone], api_name="erase")
 
 
 def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
@@ -277,6 +316,7 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
         "max_file_size": ctx.settings.max_upload_bytes,
         "allowed_paths": [str(EXAMPLES_DIR)],
         "css": CSS,
+        "js": KEYS_JS,  # the Review tab's keyboard path
         "theme": gr.themes.Soft(primary_hue="teal"),
         "footer_links": ["api", "settings"],
         "run_history": False,  # never keep clinical questions in the browser

@@ -108,10 +108,10 @@ class AuthConfig:
             raise Denied(f"{who.name} is a {who.role}: expert ratings and the Review tab are for experts and admins")
         return who
 
-    def require_admin(self, request: Any) -> Identity:
+    def require_admin(self, request: Any, what: str = "roll back a model version") -> Identity:
         who = self.identify(request)
         if not who.is_admin:
-            raise Denied(f"{who.name} is a {who.role}: only admins can roll back a model version")
+            raise Denied(f"{who.name} is a {who.role}: only admins can {what}")
         return who
 
 

@@ -36,6 +36,7 @@ FLAG_CHOICES = [
     ("Incomplete", "incomplete"),
     ("Wrong diagnosis", "wrong_diagnosis"),
 ]
+FLAG_VALUES = [v for _, v in FLAG_CHOICES]
 SCORE_CHOICES = [("1 · wrong or harmful", 1), ("2 · poor", 2), ("3 · acceptable", 3), ("4 · good", 4), ("5 · excellent", 5)]
 
 
@@ -128,6 +129,17 @@ def parse_id(value: Any, what: str) -> int:
     if not math.isfinite(number) or number != int(number) or number < 1:
         raise InputError(f"the {what} must be a positive whole number, not {value!r}")
     return int(number)
+
+
+def parse_flags(flags: Any) -> list[str]:
+    """Flags from a form or the API: a list, or comma-separated text; the store names an unknown one."""
+    if flags in (None, ""):
+        return []
+    if isinstance(flags, str):
+        flags = flags.split(",")
+    if not isinstance(flags, (list, tuple)):
+        raise InputError(f"flags must be a list of names, not {flags!r}")
+    return [str(f).strip() for f in flags if str(f).strip()]
 
 
 def blank_to_none(text: str | None) -> str | None:

@@ -11,18 +11,22 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
+from PIL import Image as PILImage
 
 from annotation_db import store as st
 from annotation_db.errors import NotFound
 from core.errors import DermaLoopError, InputError
 from core.images import StoredImage, intake_many, load_stored
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
+from core.quality import quality_hints
+from demo import EXAMPLES_DIR
 from demo.auth import Denied, Identity
-from demo.common import Ctx, admit, ensure_user, model_markdown, parse_id, parse_score, plain, save_rating, user_errors
+from demo.common import Ctx, admit, ensure_user, model_markdown, parse_flags, parse_id, parse_score, plain, save_rating, user_errors
 from demo.security import is_example_copy
 
 log = logging.getLogger("dermaloop.demo")
@@ -59,8 +63,10 @@ class Recorded:
     status: str
 
 
-def footer(version: str, latency_s: float, status: str) -> str:
+def footer(version: str, latency_s: float, status: str, when: datetime | None = None) -> str:
     parts = [f"model {version}", f"{latency_s:.1f} s"]
+    if when is not None:
+        parts.append(when.strftime("%Y-%m-%d %H:%M UTC"))
     if status != "complete":
         parts.append(f"**{status}**")
     return "\n\n— _" + " · ".join(parts) + "_"
@@ -157,6 +163,23 @@ class Consult:
             for path in paths:
                 remove_upload(path)
 
+    def preview(self, files: Any) -> tuple[list[str], str]:
+        """On a change of the uploads: thumbnails, and gentle quality hints (too dark, blurred, too small)
+        before the question is asked. The drawn example phantoms are smooth by design: no hint for them."""
+        paths = file_paths(files)
+        notes = []
+        for n, path in enumerate(paths, 1):
+            if is_example_copy(Path(path)) or EXAMPLES_DIR in Path(path).resolve().parents:
+                continue
+            try:
+                with PILImage.open(path) as im:
+                    hints = quality_hints(im)
+            except (OSError, ValueError):
+                continue  # the upload handler says what is wrong with a file
+            notes += [f"- Image {n}: {h}" for h in hints]
+        text = ("💡 **Before you ask** (hints, not rules):\n" + "\n".join(notes)) if notes else ""
+        return [str(p) for p in paths], text
+
     def _intake(self, files: Any, into: Path | None = None) -> list[StoredImage]:
         s = self.ctx.settings
         return intake_many(file_paths(files), into or s.images_dir, max_images=s.max_images, max_pixels=s.max_pixels,
@@ -214,7 +237,10 @@ class Consult:
                 context = context_from_form(age, sex, body_site, duration, symptoms, fitzpatrick, modality)
             else:
                 context = ClinicalContext.from_dict(case.context)
-            images = self._new_images(self._intake(files), case.image_hashes)
+            given = file_paths(files)
+            stored = self._intake(given)
+            shown_at = {img.sha256: str(path) for img, path in zip(stored, given)}  # the served copy of each
+            images = self._new_images(stored, case.image_hashes)
             if len(images) > self.ctx.settings.max_images:
                 raise InputError(f"{len(images)} images given; at most {self.ctx.settings.max_images} per question")
             history = self._history(case.turns, context)
@@ -223,8 +249,10 @@ class Consult:
                                           history=history, template=template, generation=self.ctx.settings.generation())
         key = self._key(who, request)
         self._running[key] = gen
-        shown = plain(question) if not images else f"{plain(question)}\n\n_({len(images)} image{'s' if len(images) > 1 else ''})_"
-        messages = case.messages + [{"role": "user", "content": shown}, {"role": "assistant", "content": "…"}]
+        # The images at the turn they were given (Gradio's multimodal chat messages: a file path per message).
+        pictures = [{"role": "user", "content": {"path": shown_at[i.sha256], "alt_text": f"image {n + 1} of this question"}}
+                    for n, i in enumerate(images) if i.sha256 in shown_at]
+        messages = case.messages + pictures + [{"role": "user", "content": plain(question)}, {"role": "assistant", "content": "…"}]
         text, error, closed = "", None, False
         chunks = iter(gen)
         try:
@@ -265,7 +293,8 @@ class Consult:
         case.turns.append(PastTurn(question, answer.text, [i.sha256 for i in images], template))
         case.image_hashes += [i.sha256 for i in images]
         shown_answer = model_markdown(answer.text) or "_(no answer)_"
-        messages[-1] = {"role": "assistant", "content": shown_answer + footer(rec.version, answer.latency_s, rec.status)}
+        messages[-1] = {"role": "assistant",
+                        "content": shown_answer + footer(rec.version, answer.latency_s, rec.status, datetime.now(timezone.utc))}
         case.turn_ids[len(messages) - 1] = rec.turn_id
         case.messages = messages
         case.last_turn_id, case.last_answer = rec.turn_id, answer.text
@@ -373,11 +402,13 @@ class Consult:
         return ClinicalContext.from_dict(context), turns
 
     def api_rate(self, turn_id: Any, score: Any, correction: str, diagnosis: str, comment: str,
-                 request: gr.Request) -> int:
-        """/rate: (turn id, score 1-5, correction, diagnosis, comment) -> rating id, as the signed-in expert."""
+                 request: gr.Request, flags: Any = None) -> int:
+        """/rate: (turn id, score 1-5, correction, diagnosis, comment, flags) -> rating id, as the signed-in expert.
+        Flags: a list (or comma-separated text) of hallucination, unsafe, incomplete, wrong_diagnosis;
+        optional, so clients written before flags existed keep working."""
         with user_errors():
             who = self.ctx.auth.require_rater(request)
             admit(self.ctx, who, request)
             saved = save_rating(self.ctx, who, parse_id(turn_id, "turn id"), parse_score(score), correction=correction,
-                                diagnosis=diagnosis, comment=comment)
+                                diagnosis=diagnosis, comment=comment, flags=parse_flags(flags))
         return saved.id

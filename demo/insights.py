@@ -59,7 +59,7 @@ def refine_history(s) -> tuple[pd.DataFrame, pd.DataFrame]:
         })
         for series in ("active", "candidate"):
             if isinstance(decision.get(series), (int, float)):
-                points.append({"run": run.id, "series": series, "value": float(decision[series]),
+                points.append({"run": f"run {run.id}", "series": series, "value": float(decision[series]),  # categorical: no "1.000000" axis
                                "metric": decision.get("metric") or ""})
     return pd.DataFrame(rows, columns=RUN_COLUMNS), pd.DataFrame(points, columns=["run", "series", "value", "metric"])
 
@@ -69,6 +69,24 @@ def versions_table(s) -> pd.DataFrame:
              "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
              "reason": v.status_reason or ""} for v in st.list_versions(s)]
     return pd.DataFrame(rows, columns=["version", "status", "adapter", "created", "reason"])
+
+
+def plot(df: pd.DataFrame, show: bool) -> Any:
+    return gr.update(value=df, visible=bool(show))
+
+
+def empty_states(d: dict[str, Any], total: int) -> list[str]:
+    """What is missing, in words, instead of empty plot frames."""
+    lines = []
+    if total == 0:
+        lines.append("No answers yet: ask a question in the Consult tab.")
+    elif d["scores"].empty:
+        lines.append("No expert ratings yet: scores and shares appear after the first review (Review tab).")
+    if len(d["trend"]) and d["trend"]["period"].nunique() < 2:
+        lines.append("The trend over time appears once ratings span two days or more.")
+    if d["runs"].empty:
+        lines.append("No refinement yet: `python -m training.refine` trains on the corrections and reports here.")
+    return lines
 
 
 class Insights:
@@ -123,8 +141,14 @@ class Insights:
         total = int(d["table"]["answers"].sum()) if len(d["table"]) else 0
         rated = int(d["table"]["rated_answers"].sum()) if len(d["table"]) else 0
         summary = f"**{total}** answers recorded, **{rated}** with expert ratings; serving model **{self.ctx.runtime.version}**."
+        empty = empty_states(d, total)
+        if empty:
+            summary += "\n\n" + "\n".join(f"- {line}" for line in empty)
         choices = list(d["versions"]["version"])
-        return (d["table"], d["scores"], d["shares"], d["trend"], d["agreement"], d["runs"], d["run_points"], d["versions"],
+        # A plot with nothing (or one point) to show is hidden; the summary says why, in words.
+        return (d["table"], plot(d["scores"], len(d["scores"]) >= 1), plot(d["shares"], len(d["shares"]) >= 1),
+                plot(d["trend"], d["trend"]["period"].nunique() >= 2 if len(d["trend"]) else False), d["agreement"], d["runs"],
+                plot(d["run_points"], len(d["run_points"]) >= 1), d["versions"],
                 gr.update(choices=choices, value=None, interactive=who.is_admin), summary)
 
     def export(self, fmt: str, request: gr.Request) -> list[str]:

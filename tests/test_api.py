@@ -215,3 +215,40 @@ def test_logins_act_as_the_user_with_their_role(tiny_model_dir, tmp_path, lesion
         assert list(f["ratings"]["rater_role"]) == ["expert"]
     finally:
         app.close()
+
+
+def test_rate_takes_flags_and_old_clients_without_them_still_work(app, client, lesion):
+    _, _, tid, _ = client.predict([handle_file(lesion)], "What is it?", "", "", api_name="/ask")
+    with_flags = client.predict(tid, 2, "", "", "", ["unsafe", "incomplete"], api_name="/rate")
+    without = client.predict(tid, 4, "", "", "", api_name="/rate")  # a client written before flags
+    ratings = frames_by_id(app)
+    assert ratings.loc[int(with_flags), "flags"] == ["incomplete", "unsafe"] and ratings.loc[int(without), "flags"] == []
+    with pytest.raises(AppError, match="unknown flag"):
+        client.predict(tid, 4, "", "", "", ["rude"], api_name="/rate")
+
+
+def frames_by_id(app):
+    with app.store.session() as s:
+        return frames(s)["ratings"].set_index("rating_id")
+
+
+def test_erase_through_the_api_is_for_admins_only(tiny_model_dir, tmp_path, lesion):
+    import json
+
+    users = tmp_path / "users.yaml"
+    add_user(users, "cara", "clinician", "cara-pw", rounds=4)
+    add_user(users, "ada", "admin", "ada-pw", rounds=4)
+    app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users))
+    try:
+        cara = Client(app.url, auth=("cara", "cara-pw"), verbose=False)
+        _, cid, _, _ = cara.predict([handle_file(lesion)], "What is it?", "", "", api_name="/ask")
+        with pytest.raises(AppError, match="only admins can erase"):
+            cara.predict(str(int(cid)), "mine", api_name="/erase")
+        ada = Client(app.url, auth=("ada", "ada-pw"), verbose=False)
+        tomb = json.loads(ada.predict(str(int(cid)), "consent withdrawn", api_name="/erase"))
+        assert tomb["erased_by"] == "ada" and tomb["turns"] == 1 and tomb["images_deleted"] == 1
+        assert frames_by_id(app).empty and not list((app.settings.images_dir).glob("*/*.png"))
+        with pytest.raises(AppError, match="erased"):
+            cara.predict([], "And now?", "", str(int(cid)), api_name="/ask")
+    finally:
+        app.close()

@@ -116,6 +116,11 @@ def flow(app: App, browser) -> None:
     page.wait_for_selector("#dl-chat >> text=model v1")
     final = chat.inner_text()
     assert "▌" not in final and len(final) > len(partial.split("▌")[0])
+    # the image is shown in the conversation at the turn it was given, and as a thumbnail where it was uploaded
+    assert page.locator("#dl-chat img").count() >= 1
+    assert page.locator("#dl-thumbs img").count() >= 1
+    assert page.evaluate("document.querySelectorAll('#dl-chat script').length") == 0
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", final)  # each answer: its version and time
     answer = app_answer(app)
     assert page.input_value("#consult-correction textarea") == answer  # pre-filled for correction
     shot(page, "consult")

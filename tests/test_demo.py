@@ -82,8 +82,11 @@ def test_ask_streams_records_and_shows_version(ctx, tmp_path, store):
                body_site="back", fitzpatrick="III", modality="clinical")
     assert len(outs) >= 3  # a placeholder, at least one streamed chunk, the final answer
     messages, case_out, question_box, correction, status = outs[-1]
-    assert messages[0]["role"] == "user" and "What is this lesion?" in messages[0]["content"]
+    # the image at the turn it was given (a file message), then the question, then the answer
+    assert messages[0]["role"] == "user" and messages[0]["content"]["path"] == str(tmp_path / "a.png")
+    assert messages[1]["role"] == "user" and "What is this lesion?" in messages[1]["content"]
     assert messages[-1]["role"] == "assistant" and "model v1" in messages[-1]["content"]
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", messages[-1]["content"])  # each answer: version and time
     assert correction["value"] == case.last_answer  # the correction box is pre-filled with the answer
     assert "v1" in status["value"] and question_box["value"] == ""
     with store.session() as s:
@@ -106,7 +109,8 @@ def test_follow_up_continues_the_case_with_the_same_images(ctx, tmp_path, store)
     ask(consult, case, files, "What is this lesion?")
     first = case.conversation_id
     messages = ask(consult, case, files, "Is it dangerous?", age=99)[-1][0]  # same upload still in the box
-    assert case.conversation_id == first and len(messages) == 4 and len(case.turns) == 2
+    assert case.conversation_id == first and len(messages) == 5 and len(case.turns) == 2  # image, q, a, q, a
+    assert [type(m["content"]).__name__ for m in messages] == ["dict", "str", "str", "str", "str"]  # not shown twice
     assert case.turns[1].image_hashes == []  # the image belongs to the first turn; not sent twice
     with store.session() as s:
         history = st.conversation_history(s, first)
@@ -160,7 +164,7 @@ def test_a_client_gone_mid_answer_stops_the_generation_and_records_it_stopped(ti
 def test_thumbs_from_anyone_and_full_ratings_only_from_raters(ctx, tmp_path, store):
     consult, case = Consult(ctx), Case()
     ask(consult, case, [save_png(tmp_path / "a.png")], "What is this?", who="cara")
-    like = SimpleNamespace(index=1, value=None, liked=True)
+    like = SimpleNamespace(index=2, value=None, liked=True)  # the answer: after the image and the question
     assert "saved" in consult.like(case, like, req("cara"))
     with pytest.raises(gr.Error, match="only an answer"):
         consult.like(case, SimpleNamespace(index=0, value=None, liked=False), req("cara"))

@@ -13,14 +13,14 @@ from annotation_db.db import current_revision, downgrade, make_engine, upgrade
 from annotation_db.models import Base
 
 TABLES = {"users", "images", "conversations", "conversation_images", "turns", "ratings", "model_versions",
-          "training_runs", "training_run_ratings", "eval_split", "locks", "alembic_version"}
+          "training_runs", "training_run_ratings", "eval_split", "locks", "erasures", "alembic_version"}
 
 
 
 
 def test_head_matches_models_and_downgrades_to_base(url):
     upgrade(url)
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"
     engine = make_engine(url)
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == TABLES
@@ -36,7 +36,7 @@ def test_head_matches_models_and_downgrades_to_base(url):
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == {"alembic_version"}
     upgrade(url)  # and back up again
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"
     engine.dispose()
 
 
@@ -77,4 +77,22 @@ def test_upgrade_works_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     upgrade(url)
+    assert current_revision(url) == "0003"
+
+
+def test_0003_downgrade_refuses_to_lose_tombstones(url):
+    from annotation_db.erase import erase_conversation
+
+    st = Store.open(url)
+    with st.session() as s:
+        admin = store.get_or_create_user(s, "ada", "admin")
+        cid = store.start_conversation(s, admin.id, {"age": 40}).id
+        store.record_turn(s, cid, "q?", "a.", template="t", model_version_id=None)
+    downgrade(url, "0002")  # nothing erased yet: the column and table go, every row stays
     assert current_revision(url) == "0002"
+    upgrade(url)
+    erase_conversation(st, cid, by="ada", reason="consent withdrawn", images_dir=None)
+    with pytest.raises(RuntimeError, match="erased conversation"):
+        downgrade(url, "0002")
+    assert current_revision(url) == "0003"
+    st.dispose()
