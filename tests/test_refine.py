@@ -16,7 +16,8 @@ CORRECTIONS = ["Melanoma, refer urgently.", "Psoriasis plaque.", "Benign naevus.
                "Eczema flare.", "Basal cell carcinoma."]
 CONTEXT = {"body_site": "back"}
 FAST = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, batch_size=6, steps=80, save_steps=0,
-            warmup_ratio=0.05, gold_holdout=0.0, eval_max_new_tokens=12, eval_metrics="rouge,repetition")
+            warmup_ratio=0.05, gold_holdout=0.0, eval_max_new_tokens=12, eval_metrics="rouge,repetition",
+            gate_min_n=5)  # six held-out lesions: the tests decide on fewer cases than a real gate would
 
 
 def lesion(colour, size=64):
@@ -135,7 +136,7 @@ def test_corrections_learned_gate_rejects_bad_candidate_rollback(tiny_model_dir,
     bad = RefineConfig(synthetic_eval=[str(evals)], synthetic_ratio=0.0, roles=["clinician"], from_base=True, **FAST)
     outcome = run_refine(settings, bad, progress=False)
     assert outcome.status == "rejected", outcome.summary
-    assert "rougeL fell" in outcome.summary
+    assert "rejected by the gate: rougeL: candidate" in outcome.summary and "worse by more than 0.05" in outcome.summary
     assert versions(settings) == {"v1": "retired", "v2": "active", "v3": "rejected"}
     with db.session() as s:
         assert "rejected by the gate" in st.get_version(s, "v3").status_reason
@@ -204,21 +205,6 @@ def test_config_flags_file_and_errors(tmp_path, capsys):
     assert "--gold-holdout must be at least 0 and below 1" in capsys.readouterr().err
     assert main(["--synthetic-ratio", "-1"]) == 1
     assert "--synthetic-ratio must be at least 0.0" in capsys.readouterr().err
-
-
-def test_gate_decisions():
-    from training.eval.gate import decide
-
-    a = {"diagnosis_accuracy": 0.80, "rougeL": 0.5, "repetition_rate": 0.1}
-    assert decide({"diagnosis_accuracy": 0.795, "rougeL": 0.1, "repetition_rate": 0.1}, a).promote
-    d = decide({"diagnosis_accuracy": 0.70, "rougeL": 0.9, "repetition_rate": 0.1}, a)
-    assert not d.promote and d.primary == "diagnosis_accuracy" and "fell from 0.8000 to 0.7000" in d.reason
-    d = decide({"diagnosis_accuracy": 0.9, "repetition_rate": 0.5}, a)
-    assert not d.promote and "repetition rose to 0.5000" in d.reason
-    assert decide({"diagnosis_accuracy": 0.9, "repetition_rate": 0.5}, {**a, "repetition_rate": 0.6}).promote
-    forced = decide({"diagnosis_accuracy": 0.1, "repetition_rate": 0.1}, a, force=True)
-    assert forced.promote and forced.forced and "forced promotion" in forced.reason
-    assert decide({"diagnosis_accuracy": None, "rougeL": 0.6}, {"diagnosis_accuracy": None, "rougeL": 0.5}).primary == "rougeL"
 
 
 @pytest.mark.slow

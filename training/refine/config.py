@@ -62,9 +62,14 @@ class RefineConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept in the run folder", minimum=0)
     dpo_beta: float = opt(0.1, "DPO temperature", minimum=0.0)
     # gate
-    primary_metric: str = opt("auto", "the gate's metric: auto (diagnosis accuracy when labelled, else rougeL) or a report metric name")
-    tolerance: float = opt(0.01, "how much the primary metric may fall", minimum=0.0)
+    primary_metric: str = opt("auto", "the gate's metric: auto (diagnosis accuracy on expert labels when there are enough, "
+                                      "else on every label, else ROUGE-L) or a report metric name")
+    tolerance: float = opt(0.05, "non-inferiority margin: the candidate may be worse than the active by at most this much "
+                                 "(the lower bound of the paired 95 % interval)", minimum=0.0)
+    gate_min_n: int = opt(30, "held-out cases needed for a gate decision; fewer: rejected unless --force", minimum=1)
     max_repetition: float = opt(0.3, "repetition rate allowed (unless no higher than the active version's)", minimum=0.0)
+    max_copying: float = opt(0.3, "share of held-out answers copied from a training answer allowed (unless no higher than "
+                                  "the active version's)", minimum=0.0)
     eval_max: int = opt(200, "held-out examples at most (gold first)", minimum=0)
     eval_batch_size: int = opt(8, "answers generated together in the gate", minimum=1)
     eval_max_new_tokens: int = opt(64, "answer length cap in the gate", minimum=1)

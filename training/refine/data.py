@@ -36,6 +36,7 @@ class DataPlan:
     synthetic_ids: list[str]  # the synthetic examples used
     preference_pairs: list[dict] = field(default_factory=list)  # chosen = correction, rejected = model answer
     new_gold: int = 0  # trainable gold pairs the active version has not learned from
+    new_ids: list[str] = field(default_factory=list)  # their example ids (the gate's in-sample check)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -154,7 +155,7 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
                 s.rollback()  # a dry run writes nothing (not even the split of new images)
     # 4. Compose the plan (no store access).
     gold_train, gold_heldout, rating_ids = [], [], set()
-    new_gold = 0
+    new_train_ids = []
     for p in usable:
         ex = gold_example(p, images_dir)
         if any(split.get(h) == "heldout" for h in p.image_hashes):
@@ -163,7 +164,8 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
             gold_train.append(ex)
             rating_ids.update(p.rating_ids)
             if (new_ids is None or p.turn_id in new_ids) and set(p.rating_ids) - tried:
-                new_gold += 1
+                new_train_ids.append(ex.id)
+    new_gold = len(new_train_ids)
 
     if syn_eval is not None:
         syn_train, syn_heldout = synthetic, syn_eval
@@ -211,4 +213,4 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
          "rating_ids": list(p.rating_ids), "heldout": any(split.get(h) == "heldout" for h in p.image_hashes)}
         for p in gold.preference_pairs if p.image_hashes  # text-only pairs are left out, as for SFT
     ]
-    return DataPlan(train, heldout, counts, sorted(rating_ids), [ex.id for ex in syn_used], prefs, new_gold)
+    return DataPlan(train, heldout, counts, sorted(rating_ids), [ex.id for ex in syn_used], prefs, new_gold, new_train_ids)

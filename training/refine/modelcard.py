@@ -83,7 +83,7 @@ def model_card(
         + "## Evaluation\n\n"
         + metrics_table(metrics_candidate, metrics_active,
                         labels=(f"before ({active_name or 'active'})", f"after ({version})"))
-        + f"\nDecision: {decision.get('reason', '')}\n\n"
+        + f"\nDecision: {decision.get('reason', '')}\n\n" + gate_checks(decision) + "\n"
         + "## Intended use\n\n"
         "Research on human-in-the-loop refinement of small vision-language models for dermatology: answering a "
         "clinician's question about lesion images for study and comparison. Out of scope: any clinical decision, "
@@ -116,6 +116,19 @@ def loss_svg(losses: Sequence[Sequence[float]], width: int = 640, height: int = 
     )
 
 
+def gate_checks(decision: dict[str, Any]) -> str:
+    """Every comparison the gate made (training.eval.gate.Decision.checks), one line each in plain words."""
+    lines = []
+    for c in decision.get("checks") or []:
+        if c.get("summary"):
+            lines.append(f"- {c['what']}: {c['summary']}")
+        else:
+            limit = f" (limit {c['limit']})" if c.get("limit") is not None else ""
+            lines.append(f"- {c['what']}: {c['metric']} active {format_value(c.get('active'))}, "
+                         f"candidate {format_value(c.get('candidate'))}{limit}")
+    return "\n".join(lines) + "\n" if lines else "(no comparison was made)\n"
+
+
 def run_markdown(report: dict[str, Any]) -> str:
     """The run folder's report.md from the run's report dict (see training.refine.run)."""
     d = report.get("decision") or {}
@@ -142,6 +155,9 @@ def run_markdown(report: dict[str, Any]) -> str:
         "",
         metrics_table(c, a or None, labels=("active", "candidate")) if c else "(not evaluated)",
         "",
+        "## Gate",
+        "",
+        gate_checks(d),
         "## Loss curve",
         "",
         "![loss](loss.svg)",

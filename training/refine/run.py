@@ -188,8 +188,10 @@ def run_refine(
         accelerator.wait_for_everyone()
         if not main:
             return Outcome(Status.worker, "worker process done", run_id=run_dir.name, run_dir=run_dir)
-        return _gate_and_register(db, settings, cfg, plan, result, adapter_dir, force=force,
-                                  progress=progress, device=str(accelerator.device), out=out)
+        from training.refine.register import gate_and_register
+
+        return gate_and_register(db, settings, cfg, plan, result, adapter_dir, force=force,
+                                 progress=progress, device=str(accelerator.device), out=out)
     finally:
         if db is not None:
             with db.session() as s:
@@ -257,9 +259,6 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
             if cfg.method == "sft" and not plan.train:
                 s.rollback()
                 return Outcome(Status.skipped, "refine: nothing to train on: no gold pairs and no --synthetic data")
-            if not plan.heldout and not force:  # --force promotes without the gate: recorded as ungated
-                raise TrainingError("no held-out examples for the gate: raise --gold-holdout, or give --synthetic "
-                                    "data with --synthetic-holdout > 0 or --synthetic-eval")
             base = settings.model if (explicit_model or active is None) else active.base_model
             continuing = bool(active is not None and active.adapter_path and not cfg.from_base and base == active.base_model)
             if continuing and cfg.method == "dpo" and _adapts_lm_head(active.adapter_path):
@@ -376,144 +375,6 @@ def _load(path: str):
     from training.data.examples import load_image
 
     return load_image(path)
-
-
-def _gate_and_register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, result: Any,
-                       adapter_dir: Path, *, force: bool, progress: bool, device: str,
-                       out: Callable[[str], None]) -> Outcome:
-    from annotation_db import store as st
-    from core.engine import Engine
-    from core.errors import ModelLoadError
-    from core.models import load_model
-    from training.eval.gate import Decision, decide, evaluate_versions
-    from training.refine.data import DataPlan
-    from training.refine.modelcard import loss_svg, model_card, run_markdown
-
-    run_dir = run.run_dir
-    plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
-    with db.session() as s:
-        active = st.active_version(s)
-        active_info = None if active is None else {"id": active.id, "name": active.name, "base": active.base_model,
-                                                   "adapter": active.adapter_path}
-    gen = dataclasses.replace(settings.generation(), max_new_tokens=cfg.eval_max_new_tokens, do_sample=False)
-    metrics = [m for m in cfg.eval_metrics.split(",") if m]
-    engines: dict[str, Engine] = {}
-
-    def engine_for(base: str) -> Engine:
-        if base not in engines:
-            engines[base] = Engine(load_model(base, device=device, dtype=settings.dtype, image_splitting=settings.image_splitting,
-                                              longest_edge=settings.longest_edge), settings)
-        return engines[base]
-
-    active_name = active_info["name"] if active_info else "base"
-    if not plan.heldout:  # only with --force (_prepare refuses otherwise): nothing to load or evaluate
-        reason = "promoted without the gate (--force): no held-out examples to evaluate on"
-        decision = Decision(True, True, reason, "none", None, None)
-        metrics_c, metrics_a = {}, {}
-    else:
-        cand_engine = engine_for(run.base)
-        cand_engine.add_adapter("candidate", adapter_dir)
-        reports = evaluate_versions(cand_engine, plan.heldout, ["candidate"], batch_size=cfg.eval_batch_size,
-                                    metrics=metrics, generation=gen, progress=progress)
-        act_engine, act_version = cand_engine, "base"
-        if active_info is not None:
-            try:
-                act_engine = engine_for(active_info["base"])
-                if active_info["adapter"]:
-                    act_engine.add_adapter(active_name, active_info["adapter"])
-                else:
-                    act_engine.add_base_version(active_name)
-                act_version = active_name
-            except ModelLoadError as e:  # e.g. the hub model of the active version is unreachable offline
-                out(f"refine: cannot load the active version {active_name} ({e}); comparing with the bare base instead")
-                act_engine, act_version, active_name = cand_engine, "base", f"bare base (active {active_name} unavailable)"
-        reports.update(evaluate_versions(act_engine, plan.heldout, [act_version], batch_size=cfg.eval_batch_size,
-                                         metrics=metrics, generation=gen, progress=progress))
-        rep_c, rep_a = reports["candidate"], reports[act_version]
-        metrics_c, metrics_a = rep_c.metrics, rep_a.metrics
-        decision = decide(metrics_c, metrics_a, primary=cfg.primary_metric, tolerance=cfg.tolerance,
-                          max_repetition=cfg.max_repetition, force=force)
-        rep_c.save(run_dir / "eval" / "candidate")
-        rep_a.save(run_dir / "eval" / act_version)
-    training = {"steps": result.steps, "losses": result.losses, "examples_per_s": result.examples_per_s,
-                "seconds": result.seconds, "final_loss": result.final_loss, "resumed_from": result.resumed_from, **result.extra}
-    report: dict[str, Any] = {
-        "run_id": run_dir.name, "base_model": run.base, "init_from": run.init_from, "method": cfg.method,
-        "active_version": active_name, "counts": plan.counts, "training": training,
-        "metrics_candidate": metrics_c, "metrics_active": metrics_a, "decision": decision.to_dict(),
-        "config": cfg.to_dict(),
-    }
-    (run_dir / "loss.svg").write_text(loss_svg(result.losses), encoding="utf-8")
-    (run_dir / "loss.csv").write_text("step,loss\n" + "".join(f"{a},{b}\n" for a, b in result.losses), encoding="utf-8")
-
-    # Registration: files first (under a temp name, renamed into place), then one transaction.
-    models_dir = settings.models_dir
-    models_dir.mkdir(parents=True, exist_ok=True)
-    final: Path | None = None
-    try:
-        with db.session() as s:
-            versions = st.list_versions(s)
-            name = f"v{len(versions) + 1}"
-            final = models_dir / name
-            if final.exists():
-                if any(v.adapter_path and Path(v.adapter_path) == final for v in versions):
-                    raise TrainingError(f"{final} belongs to another version; refusing to overwrite it")
-                shutil.rmtree(final)  # left by a registration that was killed before its commit
-            status = "active" if decision.promote else "rejected"
-            report.update(outcome="promoted" if decision.promote else "rejected", candidate_version=name)
-            tmp = models_dir / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(adapter_dir, tmp)
-            card = model_card(
-                version=name, base_model=run.base, parent=active_name if run.init_from else None, status=status,
-                decision=decision.to_dict(), counts=plan.counts, config=cfg.to_dict(), metrics_candidate=metrics_c,
-                metrics_active=metrics_a, active_name=active_name, run_id=run_dir.name, eval_n=len(plan.heldout),
-                offline_demo=settings.offline_demo,
-            )
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-            _write_json(tmp / "refine_config.json", {"refine": cfg.to_dict(), "base_model": run.base,
-                                                     "init_from": run.init_from, "run_id": run_dir.name})
-            if plan.heldout:
-                rep_c.save(tmp / "eval")
-            os.replace(tmp, final)
-            st.finish_training_run(s, run.store_run_id, status="completed", counts=plan.counts,
-                                   rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_rating_ids(plan),
-                                   synthetic_ids=plan.synthetic_ids if cfg.method == "sft" else [],
-                                   report=_json_safe({k: v for k, v in report.items() if k != "config"}))
-            metrics_record = {"candidate": metrics_c, "active": metrics_a, "compared_with": active_name,
-                              "eval_n": len(plan.heldout), "decision": decision.to_dict()}
-            v = st.register_version(s, base_model=run.base, adapter_path=str(final.resolve()),
-                                    parent_id=run.parent, training_run_id=run.store_run_id,
-                                    metrics=_json_safe(metrics_record), note=f"refine run {run_dir.name}")
-            assert v.name == name, (v.name, name)
-            if decision.promote:
-                st.promote(s, v.id, forced=decision.forced, reason=decision.reason)
-            else:
-                st.reject(s, v.id, decision.reason)
-    except BaseException:
-        if final is not None and final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        raise
-    _write_json(run_dir / "report.json", report)
-    (run_dir / "report.md").write_text(run_markdown(report), encoding="utf-8")
-    _write_json(run_dir / "state.json", {**_read_json(run_dir / "state.json"), "status": "finished", "version": name})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is registered; checkpoints are spent
-    summary = (f"refine: {name} {report['outcome']}{' (forced)' if decision.forced else ''}: {decision.reason}; "
-               f"{plan.counts['train_examples']} examples, {result.steps} steps, loss {_f(result.final_loss)}; "
-               f"run {run_dir.name}")
-    return Outcome(Status(report["outcome"]), summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)
-
-
-def _dpo_rating_ids(plan: Any) -> list[int]:
-    return sorted({i for p in plan.preference_pairs if not p["heldout"] for i in p["rating_ids"]})
-
-
-def _json_safe(d: Any) -> Any:
-    return json.loads(json.dumps(d, default=str))
-
-
-def _f(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 # ------------------------------------------------------------------------ other actions
