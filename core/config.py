@@ -254,17 +254,3 @@ def _read_config(path: Path | None) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise InputError(f"--config {path}: expected a mapping of settings")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
-
-
-def add_settings_args(parser: argparse.ArgumentParser, only: tuple[str, ...]) -> None:
-    """Flags for some Settings fields on a plain argparse parser (None = not given): training.evaluate's, until it
-    moves to `parse_cli`."""
-    for f in fields(Settings):
-        if f.name in only:
-            typ = _field_types(Settings)[f.name]
-            kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"], **kw)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)})

@@ -22,7 +22,6 @@ code for the refine gate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from core.config import opt
 from core.errors import DermaLoopError
 from core.prompts import ChatTurn
 from training.data.examples import FORMATS, Example, detect_format, read_examples, report_problems
@@ -274,42 +274,44 @@ def resolve_version(settings, name: str) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------- CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    from core.config import add_settings_args
+@dataclass
+class EvaluateOptions:
+    """What `python -m training.evaluate` scores and where the report goes (the instance: core.config.Settings)."""
 
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", type=Path, help="a LoRA adapter folder on top of --model")
-    p.add_argument("--version", help="a model version of the store (id or name): its base and adapter")
-    p.add_argument("--data", type=Path, help="dataset file or folder (default with --version: the store's held-out split)")
-    p.add_argument("--format", choices=("auto",) + FORMATS, default="auto")
-    p.add_argument("--split", help="split of a datasets DatasetDict")
-    p.add_argument("--template", help="prompt template for every example (default: each example's own)")
-    p.add_argument("--out", required=True, type=Path, help="folder for report.json and report.md")
-    p.add_argument("--predictions", type=Path, help="score this file (shared-task JSON or our JSONL) without a model")
-    p.add_argument("--references", type=Path, help="with --predictions: the references (a DermaVQA split JSON or our JSONL)")
-    p.add_argument("--lang", choices=LANGUAGES, default="en", help="language of the answers and references (content_<lang>, query_*_<lang>)")
-    p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
-                   help="deltaBLEU reference weights: auto = as the official scorer (df_userinfo.csv weights when zh is scored)")
-    p.add_argument("--userinfo", type=Path, help="DermaVQA's df_userinfo.csv (default: beside --references)")
-    p.add_argument("--images-dir", type=Path, help="folder of the images of a mediqa/DermaVQA --data file (default: beside it)")
-    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (with --predictions: of {','.join(SCORE_METRICS)})")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--strict", action="store_true", help="a malformed row is an error instead of being skipped")
-    p.add_argument("--bertscore-model", help="BERTScore encoder: hub id or local path (default: the packaged MiniLM)")
-    p.add_argument("--bertscore-layers", type=int, help="BERTScore layer (default: bert-score's choice, else the last)")
-    p.add_argument("--synonyms", type=Path, help="JSON file {label: [synonyms]} for diagnosis accuracy")
-    p.add_argument("--no-progress", action="store_true")
-    add_settings_args(p, only=("model", "home", "db", "device", "dtype", "image_splitting", "longest_edge", "max_new_tokens"))
-    return p
+    _argument_group_name = "evaluation"
+
+    out: Path = field(metadata={"help": "folder for report.json, report.md and predictions.jsonl"})
+    adapter: Path | None = opt(None, "a LoRA adapter folder on top of --model")
+    version: str | None = opt(None, "a model version of the store (id or name): its base and adapter")
+    data: Path | None = opt(None, "dataset file or folder (default with --version: the store's held-out split)")
+    format: str = opt("auto", "dataset format", choices=("auto",) + FORMATS)
+    split: str | None = opt(None, "split of a datasets DatasetDict")
+    template: str | None = opt(None, "prompt template for every example (default: each example's own)")
+    predictions: Path | None = opt(None, "score this file (shared-task JSON or our JSONL) without a model")
+    references: Path | None = opt(None, "with --predictions: the references (a DermaVQA split JSON or our JSONL)")
+    lang: str = opt("en", "language of the answers and references (content_<lang>, query_*_<lang>)", choices=LANGUAGES)
+    weights: str = opt("auto", "deltaBLEU reference weights: auto = as the official scorer (df_userinfo.csv weights when zh is scored)",
+                       choices=WEIGHT_MODES)
+    userinfo: Path | None = opt(None, "DermaVQA's df_userinfo.csv (default: beside --references)")
+    images_dir: Path | None = opt(None, "folder of the images of a mediqa/DermaVQA --data file (default: beside it)")
+    metrics: str | None = opt(None, f"comma-separated subset of {','.join(METRICS)} (with --predictions: of {','.join(SCORE_METRICS)})")
+    batch_size: int = opt(8, "examples answered together", minimum=1)
+    limit: int | None = opt(None, "evaluate only the first N examples")
+    strict: bool = opt(False, "a malformed row is an error instead of being skipped")
+    bertscore_model: str | None = opt(None, "BERTScore encoder: hub id or local path (default: the packaged MiniLM)")
+    bertscore_layers: int | None = opt(None, "BERTScore layer (default: bert-score's choice, else the last)")
+    synonyms: Path | None = opt(None, "JSON file {label: [synonyms]} for diagnosis accuracy")
+    progress: bool = opt(True, "progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
     from annotation_db.errors import StoreError
+    from core.config import Settings, parse_cli
 
-    args = build_parser().parse_args(argv)
     try:
-        report = _score(args) if args.predictions else _run(args)
+        (args, settings), given = parse_cli([EvaluateOptions, Settings], argv, prog="python -m training.evaluate",
+                                            description=__doc__)
+        report = _score(args) if args.predictions else _run(args, settings, explicit_model="model" in given)
     except (DermaLoopError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -319,21 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> Report:
-    from core.config import settings_from_args
+def _run(args: EvaluateOptions, settings: Any, *, explicit_model: bool) -> Report:
     from core.engine import Engine
     from core.models import load_model
 
-    settings = settings_from_args(args)
     metrics = parse_metrics(args.metrics or METRICS)
     if args.adapter and args.version:
         raise DataError("give --adapter or --version, not both")
-    if args.batch_size < 1:
-        raise DataError("--batch-size must be at least 1")
     model, adapter = settings.model, args.adapter
     if args.version:
         base, adapter_path = resolve_version(settings, args.version)
-        model = args.model or base
+        model = settings.model if explicit_model else base
         adapter = Path(adapter_path) if adapter_path else None
     if args.data:
         fmt = detect_format(args.data) if args.format == "auto" else args.format
@@ -360,7 +358,7 @@ def _run(args: argparse.Namespace) -> Report:
         version = args.version or "adapter"
         engine.add_adapter(version, adapter)
     report = evaluate_engine(engine, examples, version=version, batch_size=args.batch_size, metrics=metrics,
-                             progress=not args.no_progress, bertscore_model=args.bertscore_model,
+                             progress=args.progress, bertscore_model=args.bertscore_model,
                              bertscore_layers=args.bertscore_layers, synonyms=synonyms)
     report.meta.update(model=str(model), adapter=str(adapter) if adapter else None, data=data_name)
     _write_predictions(args.out, report)
@@ -387,7 +385,7 @@ def _synonyms(path: Path | None) -> dict[str, list[str]] | None:
     return synonyms
 
 
-def _score(args: argparse.Namespace):
+def _score(args: EvaluateOptions):
     """Score-only mode: no model, no images."""
     from training.eval.score import score_files
 
