@@ -222,13 +222,15 @@ def test_refine_force_without_held_out_examples_promotes_ungated(dermaloop_home,
     write_phantoms(tmp_path / "ph", 8, seed=0, split="train", size=64)
     base = ["--home", str(dermaloop_home), "--model", str(tiny_model_dir), "--synthetic", str(tmp_path / "ph" / "train.jsonl"),
             "--synthetic-holdout", "0", "--min-new", "0", "--steps", "2", "--quiet", "--device", "cpu"]
-    assert refine.main(base) == 1  # without --force the gate has nothing to decide on
-    assert refine.main([*base, "--force"]) == 0
     settings = Settings.from_env(model=str(tiny_model_dir))
+    assert refine.main(base) == 0  # a young store: trained, evaluated where it can, registered as rejected, said why
+    table = versions_table(settings.db_url)
+    assert table[-1][1] == "rejected" and "no held-out cases to evaluate on" in table[-1][4] and "--force" in table[-1][4]
+    assert refine.main([*base, "--force"]) == 0
     table = versions_table(settings.db_url)
     assert table[-1][1] == "active" and "without the gate" in table[-1][4]
-    report = next(settings.runs_dir.glob("*/report.json")).read_text()
-    assert '"forced": true' in report
+    reports = [p.read_text() for p in sorted(settings.runs_dir.glob("*/report.json"))]
+    assert '"forced": false' in reports[0] and '"forced": true' in reports[1]
 
 
 def test_refine_every_logs_failures_backs_off_and_keeps_going(monkeypatch, dermaloop_home, capsys):
