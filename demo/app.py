@@ -21,7 +21,7 @@ from demo import EXAMPLES_DIR
 from demo.admin import TOMBSTONE_COLUMNS, Admin
 from demo.auth import AuthConfig, Denied
 from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
-from demo.consult import Case, Consult
+from demo.consult import CONTEXT_FIELDS, Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
 from demo.keys import KEYS_JS
 from demo.review import KEYS_LEGEND, Review, ReviewState
@@ -161,8 +161,12 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
             rate_btn = gr.Button("Save rating", variant="primary", elem_id="consult-save")
         rate_status = gr.Markdown("", elem_id="consult-status", elem_classes="dl-saved")
 
-    gr.on([ask_btn.click, question.submit], consult.ask,
-          inputs=[case, files, question, *context_fields, template],
+    form = {"case": case, "files": files, "question": question, "template": template, **dict(zip(CONTEXT_FIELDS, context_fields))}
+
+    def ask(values: dict, request: gr.Request):  # Gradio gives a set of inputs as one {component: value} dict
+        yield from consult.ask({name: values[c] for name, c in form.items()}, request)
+
+    gr.on([ask_btn.click, question.submit], ask, inputs=set(form.values()),
           outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
     stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
     files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)

@@ -72,11 +72,11 @@ def footer(version: str, latency_s: float, status: str, when: datetime | None = 
     return "\n\n— _" + " · ".join(parts) + "_"
 
 
-def context_from_form(age: Any, sex: Any, body_site: Any, duration: Any, symptoms: Any, fitzpatrick: Any, modality: Any) -> ClinicalContext:
-    return ClinicalContext.from_dict(
-        {"age": age, "sex": sex, "body_site": body_site, "duration": duration, "symptoms": symptoms,
-         "fitzpatrick": fitzpatrick, "modality": modality}
-    )
+CONTEXT_FIELDS = ("age", "sex", "body_site", "duration", "symptoms", "fitzpatrick", "modality")  # the form's context inputs
+
+
+def context_from_form(form: dict[str, Any]) -> ClinicalContext:
+    return ClinicalContext.from_dict({k: form.get(k) for k in CONTEXT_FIELDS})
 
 
 def context_from_json(text: str | None) -> ClinicalContext:
@@ -222,10 +222,11 @@ class Consult:
         return out
 
     # -- the page -----------------------------------------------------------------
-    def ask(self, case: Case, files: Any, question: str, age: Any, sex: Any, body_site: Any, duration: Any,
-            symptoms: Any, fitzpatrick: Any, modality: Any, template: str,
-            request: gr.Request) -> Iterator[tuple]:
-        """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status)."""
+    def ask(self, form: dict[str, Any], request: gr.Request) -> Iterator[tuple]:
+        """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status).
+
+        `form` holds the tab's inputs by name: case, files, question, template and CONTEXT_FIELDS."""
+        case, files, question, template = form["case"], form.get("files"), form.get("question"), form.get("template")
         with user_errors():
             who = self.ctx.auth.identify(request)
             admit(self.ctx, who, request, case)
@@ -234,7 +235,7 @@ class Consult:
             if template not in TEMPLATES:
                 raise InputError(f"unknown template {template!r}")
             if case.conversation_id is None:
-                context = context_from_form(age, sex, body_site, duration, symptoms, fitzpatrick, modality)
+                context = context_from_form(form)
             else:
                 context = ClinicalContext.from_dict(case.context)
             given = file_paths(files)

@@ -60,8 +60,8 @@ def save_png(path: Path, img=None) -> str:
 
 
 def ask(consult: Consult, case: Case, files, question: str, who: str = "eve", session: str = "s1", **context):
-    fields = [context.get(k) for k in ("age", "sex", "body_site", "duration", "symptoms", "fitzpatrick", "modality")]
-    outs = list(consult.ask(case, files, question, *fields, context.get("template", "free"), req(who, session)))
+    form = {"case": case, "files": files, "question": question, "template": context.pop("template", "free"), **context}
+    outs = list(consult.ask(form, req(who, session)))
     return outs
 
 
@@ -124,7 +124,7 @@ def test_stop_keeps_the_partial_answer_marked_stopped(tiny_model_dir, tiny_engin
     settings = Settings.from_env(model=str(tiny_model_dir), max_new_tokens=400)
     ctx = Ctx(attach(settings, tiny_engine, store), AuthConfig.local(), DemoOptions())
     consult, case = Consult(ctx), Case()
-    stream = consult.ask(case, [save_png(tmp_path / "a.png")], "Describe it", *[None] * 7, "free", req(session="tab"))
+    stream = consult.ask({"case": case, "files": [save_png(tmp_path / "a.png")], "question": "Describe it"}, req(session="tab"))
     next(stream)  # the placeholder
     next(stream)  # the first chunk
     consult.stop(req(session="tab"))
@@ -145,7 +145,7 @@ def test_a_client_gone_mid_answer_stops_the_generation_and_records_it_stopped(ti
     settings = Settings.from_env(model=str(tiny_model_dir), max_new_tokens=2000)
     ctx = Ctx(attach(settings, tiny_engine, store), AuthConfig.local(), DemoOptions())
     consult, case = Consult(ctx), Case()
-    stream = consult.ask(case, [save_png(tmp_path / "a.png")], "Describe it", *[None] * 7, "free", req(session="gone"))
+    stream = consult.ask({"case": case, "files": [save_png(tmp_path / "a.png")], "question": "Describe it"}, req(session="gone"))
     next(stream)  # the placeholder
     next(stream)  # the first chunk
     start = time.perf_counter()
