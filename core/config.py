@@ -24,7 +24,6 @@ from typing import Any, get_type_hints
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
-
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None, **argparse_kw: Any) -> Any:
     """A dataclass field with what a person needs to know: its help, its allowed values or minimum
     (checked by `check_fields` for every source: flags, variables, files, code), extra argparse keywords."""
@@ -60,7 +59,7 @@ def check_fields(obj: Any, prefix: str = "--") -> None:
         if bad:
             raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {bad[0]!r}")
         minimum = f.metadata.get("minimum")
-        if minimum is not None and value < minimum:
+        if minimum is not None and value is not None and value < minimum:
             raise InputError(f"{name} must be at least {minimum}, not {value!r}")
 
 
