@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -54,6 +54,11 @@ class Settings:
     repetition_penalty: float = 1.1
     local_user: str = "local-expert"  # the single user of local mode (role expert)
     offline_demo: bool = False  # DERMALOOP_OFFLINE_DEMO: use the offline demonstration model and its own data (<home>/offline-demo)
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "let the model run its own code from its repository (moondream2 needs it); off: that code runs with your rights"})
+    quantize: str = field(default="", metadata={
+        "help": "4bit: load the weights in 4-bit NF4 (bitsandbytes, CUDA only), for inference and QLoRA refine"})
+    device_map: str = field(default="", metadata={"help": "auto: spread a model larger than one GPU over all GPUs (accelerate)"})
 
     @property
     def db_url(self) -> str:
