@@ -82,6 +82,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         top={"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},  # sums to head_dim / 2
     ),
 }
+FAMILIES["llava_onevision"] = dict(
+    token_keys={"image_token_index": "<image>", "video_token_index": "<video>"},
+    stop=["<|im_end|>", "<|endoftext|>"],
+    extra_tokens=["<|endoftext|>"],
+    vision=dict(_VISION, image_size=28, patch_size=14),
+    # the published 6x6 grid of 384 px tiles, scaled to 28 px tiles
+    top={"image_grid_pinpoints": [[a * 28, b * 28] for a in range(1, 7) for b in range(1, 7)]},
+    preprocessor={"size": {"height": 28, "width": 28}, "image_grid_pinpoints": [[a * 28, b * 28] for a in range(1, 7) for b in range(1, 7)]},
+    processor={"num_image_tokens": 4},
+)
 FAMILIES["qwen3_vl"] = FAMILIES["qwen2_5_vl"]
 
 

@@ -29,10 +29,13 @@ from core.prompts import SAFETY_INSTRUCTION, ChatTurn
 from core.replicas import FIXTURES, build_replica
 from tests.conftest import draw_lesion
 
-FAMILIES = ["smolvlm", "llava15", "gemma3", "mllama"]
-# The token that closes an assistant turn in each published template, which refine must train.
-STOP = {"smolvlm": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>"}
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+# Their processors cannot be built without torchvision (a video processor is part of them).
+NEEDS_TORCHVISION = ["qwen2_5_vl", "llava_onevision"]
+FAMILIES = ["smolvlm", "llava15", "gemma3", "mllama"] + (NEEDS_TORCHVISION if HAS_TORCHVISION else [])
+# The token that closes an assistant turn in each published template, which refine must train.
+STOP = {"smolvlm": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
+        "qwen2_5_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -123,8 +126,13 @@ def test_refine_trains_answer_and_the_templates_stop_marker_in_family_batches(re
     if "token_type_ids" in batch:  # Gemma 3: image tokens typed 1, the answer and padding 0
         assert batch["token_type_ids"].shape == (2, width)
         assert (batch["token_type_ids"][batch["labels"] != IGNORE] == 0).all()
-    if family in ("llava15", "gemma3"):  # flat: the three images one after another
+    if family in ("llava15", "gemma3", "llava_onevision"):  # flat: the three images one after another
         assert batch["pixel_values"].shape[0] == 3
+    if "image_sizes" in batch:  # LLaVA-OneVision: tiles padded to the most any image has, sizes kept to unpad
+        assert batch["image_sizes"].shape == (3, 2)
+    if "image_grid_thw" in batch:  # Qwen2.5-VL: every image's patches one after another, one grid row each
+        assert batch["image_grid_thw"].shape == (3, 3)
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
 
     model = attach_lora(engine.model, targets=["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -155,36 +163,23 @@ def test_a_prompt_longer_than_the_context_is_refused_not_cut(replica):
         engine.answer([], "And now?", history=history)
 
 
-def test_qwen_without_torchvision_names_what_to_install(tmp_path):
+@pytest.mark.parametrize("family", NEEDS_TORCHVISION)
+def test_without_torchvision_the_message_names_what_to_install(family, tmp_path):
     if HAS_TORCHVISION:
-        pytest.skip("torchvision is installed here: the Qwen2.5-VL replica itself is what runs")
+        pytest.skip("torchvision is installed here: the replica itself runs in the family tests")
     from core.replicas import FAMILIES as SPECS
     from core.replicas import build_tokenizer
 
-    src = FIXTURES / "qwen2_5_vl"
-    for name in ("config.json", "preprocessor_config.json", "chat_template.jinja"):
-        shutil.copy(src / name, tmp_path / name)
-    build_tokenizer(json.loads((src / "special_tokens_map.json").read_text()), SPECS["qwen2_5_vl"]["extra_tokens"]).save_pretrained(tmp_path)
+    src = FIXTURES / family
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, tmp_path / name)
+    spec = SPECS[json.loads((src / "config.json").read_text())["model_type"]]
+    build_tokenizer(json.loads((src / "special_tokens_map.json").read_text()), spec["extra_tokens"]).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as err:
         load_model(tmp_path, device="cpu")
     message = str(err.value)
     assert "\n" not in message and "needs torchvision" in message and "pip install torch==2.14.1 torchvision==0.29.1" in message
-
-
-@pytest.mark.skipif(not HAS_TORCHVISION, reason="Qwen2.5-VL's processor needs torchvision (see README: Model families)")
-def test_qwen_replica_answers_and_trains(tmp_path):
-    from training.refine.collate import IGNORE, TrainTurn, collate, encode
-
-    path = build_replica("qwen2_5_vl", tmp_path / "qwen")
-    engine = _engine(path)
-    img = draw_lesion()
-    assert engine.answer([img, img], "Compare.").prompt_tokens > engine.answer([img], "Compare.").prompt_tokens
-    feats = [encode(engine, TrainTurn("a", ("x",), "What?", "A nevus.", None, "free", "expert"), [img]),
-             encode(engine, TrainTurn("b", ("x", "y"), "Both?", "Two naevi.", None, "free", "expert"), [img, img])]
-    assert engine.processor.tokenizer.decode(feats[0].labels[feats[0].labels != IGNORE]).strip() == "A nevus.<|im_end|>"
-    batch = collate(feats, engine.processor.tokenizer.pad_token_id)
-    assert batch["image_grid_thw"].shape == (3, 3)
-    engine.model(**{k: v for k, v in batch.items() if k != "labels"})
 
 
 def test_remote_code_is_refused_unless_asked_for(tmp_path):

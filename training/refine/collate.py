@@ -3,9 +3,10 @@
 The prompt is the engine's own rendering (`Engine.encode_prompt`, generation prompt
 on); the full text renders the same turn with the answer as an assistant message
 (generation prompt off). The prompt must be a prefix of the full text and the rest
-is the target, for SmolVLM `" answer<end_of_utterance>\\n"`. The end-of-utterance
-token is trained (it is how the model learns to stop); whitespace after it is not
-(generation stops at the eos, so it is never produced). Tokens are the prompt's
+is the target, for SmolVLM `" answer<end_of_utterance>\\n"`. The stop token that closes
+the assistant turn in the template (SmolVLM's `<end_of_utterance>`, Gemma's `<end_of_turn>`,
+Llama's `<|eot_id|>`; the eos where the template has none, as llava-1.5's) is trained: it
+is how the model learns to stop; whatever follows it is not (never generated). Tokens are the prompt's
 tokens as the processor makes them at inference time (images expanded) followed by
 the target's tokens, so training sees exactly the token sequence generation
 continues from. Labels are -100 on the prompt (system text, context, question and
