@@ -92,6 +92,7 @@ FAMILIES["llava_onevision"] = dict(
     preprocessor={"size": {"height": 28, "width": 28}, "image_grid_pinpoints": [[a * 28, b * 28] for a in range(1, 7) for b in range(1, 7)]},
     processor={"num_image_tokens": 4},
 )
+FAMILIES["smolvlm"] = FAMILIES["idefics3"]
 FAMILIES["qwen3_vl"] = FAMILIES["qwen2_5_vl"]
 
 

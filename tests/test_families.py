@@ -31,10 +31,10 @@ from tests.conftest import draw_lesion
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 # Their processors cannot be built without torchvision (a video processor is part of them).
-NEEDS_TORCHVISION = ["qwen2_5_vl", "llava_onevision"]
+NEEDS_TORCHVISION = ["smolvlm2", "qwen2_5_vl", "llava_onevision"]
 FAMILIES = ["smolvlm", "llava15", "gemma3", "mllama"] + (NEEDS_TORCHVISION if HAS_TORCHVISION else [])
 # The token that closes an assistant turn in each published template, which refine must train.
-STOP = {"smolvlm": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
+STOP = {"smolvlm": "<end_of_utterance>", "smolvlm2": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
         "qwen2_5_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
 
 
@@ -161,6 +161,12 @@ def test_a_prompt_longer_than_the_context_is_refused_not_cut(replica):
     history = [ChatTurn(long[:3900], "Noted.", [draw_lesion()]), ChatTurn(long[:3900], "Noted.")]
     with pytest.raises(InputError, match=r"tokens long with its images; the limit is 1024"):
         engine.answer([], "And now?", history=history)
+    from training.errors import TrainingError
+    from training.refine.collate import TrainTurn, encode
+
+    turn = TrainTurn("long", ("x",), long * 2, "Noted.", None, "free", "expert")
+    with pytest.raises(TrainingError, match=r"example long is \d+ tokens long with its images; the model reads at most 1024"):
+        encode(engine, turn, [draw_lesion()])
 
 
 @pytest.mark.parametrize("family", NEEDS_TORCHVISION)

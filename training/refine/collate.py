@@ -191,6 +191,10 @@ def encode(engine: Any, turn: TrainTurn, images: list) -> Features:
     target_ids = torch.tensor(processor.tokenizer(target, add_special_tokens=False)["input_ids"], dtype=torch.long)
     assert target_ids.numel() > 0
     input_ids = torch.cat([prompt_ids, target_ids])
+    context = getattr(engine, "context_tokens", None)
+    if context and input_ids.numel() > context:  # never cut: a cut drops the answer or splits an image's tokens
+        raise TrainingError(f"example {turn.example_id} is {input_ids.numel()} tokens long with its images; "
+                            f"the model reads at most {context}: shorten it or use fewer images")
     labels = torch.cat([torch.full_like(prompt_ids, IGNORE), target_ids])
     extra = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     n = target_ids.numel()
