@@ -104,17 +104,21 @@ def training_text(engine: Any, question_turn: ChatTurn, answer: str) -> tuple[st
     prompt, images = engine.encode_prompt([question_turn], add_generation_prompt=True)
     with_answer = ChatTurn(question_turn.question, answer, question_turn.images, question_turn.context, question_turn.template)
     full, _ = engine.encode_prompt([with_answer], add_generation_prompt=False)
-    if not full.startswith(prompt):
+    body = answer.strip()
+    start = full.rfind(body)
+    if not body or start < 0:
+        raise TrainingError("the model's chat template does not render the answer text as given; refine cannot find it")
+    if full.startswith(prompt):
+        rest, end = full[len(prompt):], start - len(prompt) + len(body)
+    elif "".join(full[:start].split()) == "".join(prompt.split()):
+        # LLaVA-OneVision's template opens a past assistant turn with "assistant \n" but the generation prompt
+        # with "assistant\n": the same text but for whitespace. Train on what generation continues from.
+        rest, end = full[start:], len(body)
+    else:
         raise TrainingError(
             "the model's chat template renders the prompt differently with and without the answer; "
             "refine needs the prompt to be a prefix of the full conversation"
         )
-    rest = full[len(prompt):]
-    body = answer.strip()
-    end = rest.rfind(body)
-    if not body or end < 0:
-        raise TrainingError("the model's chat template does not render the answer text as given; refine cannot find it")
-    end += len(body)
     marker = rest[end:]
     stop = _first_stop_token(engine, marker)
     if stop is None:
