@@ -174,7 +174,8 @@ def quantization_config(quantize: str, device: str, compute_dtype: torch.dtype) 
 
 # What to install for a package a processor needs (verified here: see README "Model families").
 _INSTALL = {"torchvision": "pip install torch==2.14.1 torchvision==0.29.1 (a matching pair; the lock's torch 2.13.0 has no "
-                           "loadable torchvision)"}
+                           "loadable torchvision)",
+            "num2words": "pip install num2words"}
 
 
 def _missing_package_message(source: str, error: ImportError) -> str:
