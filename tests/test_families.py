@@ -27,7 +27,8 @@ from core.errors import InputError, ModelLoadError
 from core.models import load_model
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn
 from core.replicas import FIXTURES, build_replica
-from tests.conftest import draw_lesion
+
+from conftest import draw_lesion
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 # Their processors cannot be built without torchvision (a video processor is part of them).
