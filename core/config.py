@@ -106,6 +106,10 @@ class Settings:
     offline_demo: bool = opt(False, "use the offline demonstration model and its own data (<home>/offline-demo)")
     review_own_answers: bool = opt(False, "let a rater review answers to their own questions (on: one person can try the whole "
                                           "loop, e.g. in local mode; off: experts review others' answers)")
+    trust_remote_code: bool = opt(False, "let the model run its own code from its repository (moondream2 needs it); "
+                                         "that code runs with your rights")
+    quantize: str = opt("", "4bit: load the weights in 4-bit NF4 (bitsandbytes, CUDA only), for inference", choices=("", "4bit"))
+    device_map: str = opt("", "auto: spread a model larger than one GPU over all GPUs (accelerate)", choices=("", "auto"))
 
     @property
     def db_url(self) -> str:

@@ -15,6 +15,7 @@ swapping the default version never disturbs an answer that is streaming.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from core.config import GenerationSettings, Settings
 from core.errors import InputError, ModelLoadError
-from core.models import LoadedModel, load_model
+from core.models import LoadedModel, context_length, load_model
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, build_messages, check_question
 
 BASE_VERSION = "base"
@@ -130,6 +131,8 @@ class Engine:
         # ZeroGPU wraps generation in spaces.GPU; everyone else calls model.generate.
         self._generate = generate_fn or self.model.generate
         self.supports_system = self._template_supports_system()
+        self.context_tokens = context_length(self.model.config)  # the longest sequence the model reads
+        self._takes_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
@@ -140,6 +143,9 @@ class Engine:
             dtype=settings.dtype,
             image_splitting=settings.image_splitting,
             longest_edge=settings.longest_edge,
+            trust_remote_code=settings.trust_remote_code,
+            quantize=settings.quantize,
+            device_map=settings.device_map,
         )
         engine = cls(loaded, settings)
         if adapter is not None:
@@ -331,11 +337,14 @@ class Engine:
                 raise InputError("in a batch, every request needs at least one image, or none does")
             kwargs["images"] = images
         inputs = self.processor(**kwargs)
-        inputs.pop("token_type_ids", None)
+        if not self._takes_token_types:  # Gemma 3 uses them (image tokens attend both ways); others reject them
+            inputs.pop("token_type_ids", None)
         n_tokens = inputs["input_ids"].shape[1]
-        if n_tokens > self.settings.max_prompt_tokens:
+        limit = min(self.settings.max_prompt_tokens, self.context_tokens or self.settings.max_prompt_tokens)
+        if n_tokens > limit:
+            # never cut: a cut prompt drops the question or splits an image's tokens
             raise InputError(f"the conversation is {n_tokens} tokens long with its images; the limit is "
-                             f"{self.settings.max_prompt_tokens}: start a new case, or use fewer images")
+                             f"{limit}: start a new case, or use fewer images")
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
@@ -356,11 +365,14 @@ class Engine:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _template_supports_system(self) -> bool:
+        """Whether the template renders a system message as given, next to an image (Llama-3.2-Vision refuses
+        that, and templates that trim a list content print its repr: both get the instruction folded in)."""
         messages = [
             {"role": "system", "content": [{"type": "text", "text": SAFETY_INSTRUCTION}]},
-            {"role": "user", "content": [{"type": "text", "text": "?"}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
         ]
         try:
-            return SAFETY_INSTRUCTION in self.processor.apply_chat_template(messages, tokenize=False)
+            text = self.processor.apply_chat_template(messages, tokenize=False)
         except Exception:  # templates that refuse a system role raise their own errors
             return False
+        return SAFETY_INSTRUCTION in text and "'type'" not in text

@@ -74,6 +74,13 @@ def same_model(a: str, b: str) -> bool:
     return a == b
 
 
+def context_length(config: Any) -> int | None:
+    """The longest token sequence the language model reads (its max_position_embeddings), if it says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def load_model(
     source: str | Path,
     *,
@@ -81,8 +88,17 @@ def load_model(
     dtype: str = "auto",
     image_splitting: str = "auto",
     longest_edge: int = 0,
+    trust_remote_code: bool = False,
+    quantize: str = "",
+    device_map: str = "",
 ) -> LoadedModel:
-    """Load a VLM and its processor from a hub id or a local directory."""
+    """Load a VLM and its processor from a hub id or a local directory.
+
+    `trust_remote_code` lets a checkpoint run its own Python from the hub (moondream2 does):
+    off unless asked for, since that code runs with the user's rights. `quantize="4bit"`
+    loads the weights in 4-bit NF4 (bitsandbytes, CUDA only; QLoRA refine trains on it);
+    `device_map="auto"` spreads a model larger than one GPU over all of them (accelerate).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = str(source)
@@ -94,15 +110,35 @@ def load_model(
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a model directory: config.json is missing")
         source = str(path)
+        if not trust_remote_code and "auto_map" in _read_config(path):
+            raise ModelLoadError(f"model {source!r} runs its own code from its repository (trust_remote_code); that is off "
+                                 "by default: pass --trust-remote-code only for a source you trust")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    extra: dict[str, Any] = {}
+    if quantize:
+        extra["quantization_config"] = quantization_config(quantize, device, torch_dtype)
+    if device_map:
+        if device_map != "auto":
+            raise ModelLoadError(f"device_map must be auto or empty, not {device_map!r}")
+        extra["device_map"] = "auto"
+    elif quantize:
+        extra["device_map"] = {"": 0}  # bitsandbytes places the quantized weights itself
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, local_files_only=local,
+                                                            trust_remote_code=trust_remote_code, **extra)
+    except ImportError as e:  # a processor or model that needs a package not installed here
+        raise ModelLoadError(_missing_package_message(source, e)) from None
     except (OSError, ValueError) as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise ModelLoadError(f"model {source!r} runs its own code from its repository (trust_remote_code); that is "
+                                 "off by default: pass --trust-remote-code only for a source you trust") from None
         where = "the local directory" if local else "the Hugging Face Hub (offline, or no such model?)"
         raise ModelLoadError(f"could not load model {source!r} from {where}: {str(e).splitlines()[0]}") from None
-    model.to(device).eval()
+    if "device_map" not in extra:
+        model.to(device)
+    model.eval()
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(f"model {source!r} has no chat template; DermaLoop needs an instruction-tuned VLM")
     processor.tokenizer.padding_side = "left"  # batched generation appends after the prompt
@@ -111,12 +147,53 @@ def load_model(
         source=source,
         model_type=model.config.model_type,
         device=device,
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=str(torch_dtype).removeprefix("torch.") + (f"+{quantize}" if quantize else ""),
         parameters=sum(p.numel() for p in model.parameters()),
         image_splitting=splitting,
         local=local,
     )
     return LoadedModel(model, processor, info)
+
+
+def quantization_config(quantize: str, device: str, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes' 4-bit NF4 settings (double quantization, computing in `compute_dtype`), or a clear refusal."""
+    if quantize != "4bit":
+        raise ModelLoadError(f"quantize must be 4bit or empty, not {quantize!r}")
+    if device != "cuda":
+        raise ModelLoadError(f"4-bit loading needs a CUDA GPU (bitsandbytes); this run uses {device}: drop --quantize")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("4-bit loading needs bitsandbytes, which is not installed: pip install -e '.[gpu]' "
+                             "(or pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+# What to install for a package a processor needs (verified here: see README "Model families").
+_INSTALL = {"torchvision": "pip install torch==2.14.1 torchvision==0.29.1 (a matching pair; the lock's torch 2.13.0 has no "
+                           "loadable torchvision)",
+            "num2words": "pip install num2words"}
+
+
+def _missing_package_message(source: str, error: ImportError) -> str:
+    text = str(error)
+    for package, how in _INSTALL.items():
+        if package.lower() in text.lower():
+            return f"model {source!r} needs {package}, which is not installed: {how}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return f"model {source!r} needs a package that is not installed: {first}"
+
+
+def _read_config(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _limit_longest_edge(image_processor: Any, longest_edge: int) -> None:

@@ -143,14 +143,20 @@ def build_messages(turns: Sequence[ChatTurn], *, system: bool = True) -> tuple[l
     """Chat-template messages for `turns` and the images in the order they appear.
 
     Images belong to the turn in which they were given; past turns carry their answers.
+    The safety instruction is a system message where the template takes one (`system`),
+    and otherwise opens the first user turn: Llama-3.2-Vision's template refuses a system
+    message beside an image, and the instruction must not be lost there.
     """
     messages: list[dict] = []
     images: list[Image.Image] = []
     if system:
         messages.append({"role": "system", "content": [{"type": "text", "text": SAFETY_INSTRUCTION}]})
-    for turn in turns:
+    for i, turn in enumerate(turns):
+        text = render_user_text(turn.question, turn.context, turn.template)
+        if not system and i == 0:
+            text = f"{SAFETY_INSTRUCTION}\n\n{text}"
         content = [{"type": "image"} for _ in turn.images]
-        content.append({"type": "text", "text": render_user_text(turn.question, turn.context, turn.template)})
+        content.append({"type": "text", "text": text})
         images.extend(turn.images)
         messages.append({"role": "user", "content": content})
         if turn.answer is not None:

@@ -7,6 +7,8 @@ Idefics3 classes, SmolVLM's chat template) and LLaVA (the TinyLLaVA family of th
 MEDIQA-MAGIC paper). The tokenizer is a byte-level BPE trained in-process by the
 `tokenizers` library, so nothing is downloaded. `real_dims=True` gives a SmolVLM
 with SmolVLM-256M-Instruct's real dimensions (random weights) for benchmarks.
+Replicas of published checkpoints (their real config, processor, chat template and
+special tokens, one per supported family) are built by `core.replicas`.
 """
 
 from __future__ import annotations

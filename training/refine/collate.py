@@ -3,9 +3,10 @@
 The prompt is the engine's own rendering (`Engine.encode_prompt`, generation prompt
 on); the full text renders the same turn with the answer as an assistant message
 (generation prompt off). The prompt must be a prefix of the full text and the rest
-is the target, for SmolVLM `" answer<end_of_utterance>\\n"`. The end-of-utterance
-token is trained (it is how the model learns to stop); whitespace after it is not
-(generation stops at the eos, so it is never produced). Tokens are the prompt's
+is the target, for SmolVLM `" answer<end_of_utterance>\\n"`. The stop token that closes
+the assistant turn in the template (SmolVLM's `<end_of_utterance>`, Gemma's `<end_of_turn>`,
+Llama's `<|eot_id|>`; the eos where the template has none, as llava-1.5's) is trained: it
+is how the model learns to stop; whatever follows it is not (never generated). Tokens are the prompt's
 tokens as the processor makes them at inference time (images expanded) followed by
 the target's tokens, so training sees exactly the token sequence generation
 continues from. Labels are -100 on the prompt (system text, context, question and
@@ -91,23 +92,59 @@ def chat_turn(turn: TrainTurn, images: list, answer: str | None) -> ChatTurn:
 
 
 def training_text(engine: Any, question_turn: ChatTurn, answer: str) -> tuple[str, str, list]:
-    """(prompt, target, images): the engine's prompt and the remainder of the full text.
+    """(prompt, target, images): the engine's prompt, and the answer as the template renders it
+    up to and including the stop token that closes the assistant turn.
 
-    The target keeps the eos and drops whitespace after it (never generated).
+    The closing marker is read from the template itself (`<end_of_utterance>` for SmolVLM,
+    `<end_of_turn>` for Gemma 3, `<|eot_id|>` for Llama-3.2-Vision, `<|im_end|>` for Qwen):
+    the first token of it that stops generation is trained, what follows it (a newline) is not.
+    A template that closes the turn with no stop token at all (llava-1.5's ends it with a
+    space) gets the tokenizer's eos appended, as the checkpoint was trained to stop with it.
     """
     prompt, images = engine.encode_prompt([question_turn], add_generation_prompt=True)
     with_answer = ChatTurn(question_turn.question, answer, question_turn.images, question_turn.context, question_turn.template)
     full, _ = engine.encode_prompt([with_answer], add_generation_prompt=False)
-    if not full.startswith(prompt):
+    body = answer.strip()
+    start = full.rfind(body)
+    if not body or start < 0:
+        raise TrainingError("the model's chat template does not render the answer text as given; refine cannot find it")
+    if full.startswith(prompt):
+        rest, end = full[len(prompt):], start - len(prompt) + len(body)
+    elif "".join(full[:start].split()) == "".join(prompt.split()):
+        # LLaVA-OneVision's template opens a past assistant turn with "assistant \n" but the generation prompt
+        # with "assistant\n": the same text but for whitespace. Train on what generation continues from.
+        rest, end = full[start:], len(body)
+    else:
         raise TrainingError(
             "the model's chat template renders the prompt differently with and without the answer; "
             "refine needs the prompt to be a prefix of the full conversation"
         )
-    target = full[len(prompt):].rstrip()
-    eos = engine.processor.tokenizer.eos_token
-    if eos and not target.endswith(eos):
-        raise TrainingError(f"the chat template does not end the assistant turn with the eos token {eos!r}")
-    return prompt, target, images
+    marker = rest[end:]
+    stop = _first_stop_token(engine, marker)
+    if stop is None:
+        eos = engine.processor.tokenizer.eos_token
+        if not eos:
+            raise TrainingError("the chat template closes the assistant turn with no stop token and the tokenizer has no eos")
+        return prompt, rest[:end] + eos, images
+    return prompt, rest[:end] + marker[: marker.index(stop) + len(stop)], images
+
+
+def stop_token_ids(engine: Any) -> set[int]:
+    """The ids generation stops at: the generation config's eos (one or several) and the tokenizer's."""
+    eos = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if engine.processor.tokenizer.eos_token_id is not None:
+        ids.add(engine.processor.tokenizer.eos_token_id)
+    return ids
+
+
+def _first_stop_token(engine: Any, marker: str) -> str | None:
+    tokenizer = engine.processor.tokenizer
+    stops = stop_token_ids(engine)
+    for tid in tokenizer(marker, add_special_tokens=False)["input_ids"]:
+        if tid in stops:
+            return tokenizer.convert_ids_to_tokens(tid)
+    return None
 
 
 @dataclass
@@ -123,6 +160,25 @@ class Features:
         return int((self.labels != IGNORE).sum())
 
 
+# Tensors with one entry per token (batch, length, ...): grown over the answer and padded with the text.
+TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids", "cross_attention_mask")
+# Tensors with one entry per example (batch, images, ...): padded along the image axis. Everything else
+# (llava and gemma pixel_values, Qwen's patches and image_grid_thw, image_sizes) lists the images of the
+# whole batch one after another, and is concatenated.
+PER_EXAMPLE = ("pixel_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
+def _per_example(key: str, t: torch.Tensor) -> bool:
+    # pixel_values are (batch, images, ...) for SmolVLM (5-D) and Mllama (6-D, tiles), flat elsewhere
+    return key in PER_EXAMPLE or (key == "pixel_values" and t.dim() >= 5)
+
+
+def model_accepts(model: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
 def encode(engine: Any, turn: TrainTurn, images: list) -> Features:
     """Tokenize one turn for training (images given already loaded, in order)."""
     prompt, target, imgs = training_text(engine, chat_turn(turn, images, None), turn.answer)
@@ -131,22 +187,46 @@ def encode(engine: Any, turn: TrainTurn, images: list) -> Features:
     if imgs:
         kwargs["images"] = [imgs]
     inputs = processor(**kwargs)
-    inputs.pop("token_type_ids", None)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in inputs and not model_accepts(engine.model, key):
+            inputs.pop(key)
     prompt_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
     target_ids = torch.tensor(processor.tokenizer(target, add_special_tokens=False)["input_ids"], dtype=torch.long)
     assert target_ids.numel() > 0
     input_ids = torch.cat([prompt_ids, target_ids])
+    context = getattr(engine, "context_tokens", None)
+    if context and input_ids.numel() > context:  # never cut: a cut drops the answer or splits an image's tokens
+        raise TrainingError(f"example {turn.example_id} is {input_ids.numel()} tokens long with its images; "
+                            f"the model reads at most {context}: shorten it or use fewer images")
     labels = torch.cat([torch.full_like(prompt_ids, IGNORE), target_ids])
-    return Features(input_ids, labels, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+    extra = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    n = target_ids.numel()
+    for key in TOKEN_ALIGNED:
+        if key in extra:
+            t = extra[key]
+            # answer tokens are text (type 0) and see every image the prompt's last token sees
+            grow = t[:, -1:].expand(-1, n, *t.shape[2:]) if key == "cross_attention_mask" else torch.zeros((1, n, *t.shape[2:]), dtype=t.dtype)
+            extra[key] = torch.cat([t, grow], dim=1)
+    return Features(input_ids, labels, extra)
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] >= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
 
 
 def collate(features: Sequence[Features], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padding is masked in labels and attention.
 
-    Image tensors: SmolVLM-style processors give (1, n_images, ...) per example, padded
-    here with all-zero images (which the model skips, and the pixel mask marks as
-    absent); LLaVA-style ones give (n_images, ...) and are concatenated.
+    Per-token tensors (token_type_ids, Mllama's cross_attention_mask) are padded with the
+    text; per-example image tensors (SmolVLM's pixel_values and pixel_attention_mask,
+    Mllama's pixel_values and aspect ratios) are padded along the image axis with all-zero
+    images, which the pixel / aspect-ratio masks mark as absent; flat image tensors (LLaVA,
+    Gemma 3, Qwen's patches and image_grid_thw) are concatenated.
     """
     width = max(f.input_ids.numel() for f in features)
     n = len(features)
@@ -165,20 +245,16 @@ def collate(features: Sequence[Features], pad_id: int) -> dict[str, torch.Tensor
         with_images = sum(1 for f in features if f.extra)
         raise TrainingError(f"in a batch, every example needs at least one image, or none does "
                             f"({with_images} of {len(features)} have images)")
-    if not keys:
-        return batch
-    per_batch = features[0].extra.get("pixel_values") is not None and features[0].extra["pixel_values"].dim() == 5
     for k in keys:
         ts = [f.extra[k] for f in features]
-        if per_batch:
+        if k in TOKEN_ALIGNED:
+            if k == "cross_attention_mask":  # (1, L, images, tiles): pad images and tiles, then length
+                most = max(t.shape[2] for t in ts)
+                ts = [_pad_to(t, 2, most) for t in ts]
+            batch[k] = torch.cat([_pad_to(t, 1, width) for t in ts], dim=0)
+        elif _per_example(k, ts[0]):
             most = max(t.shape[1] for t in ts)
-            padded = []
-            for t in ts:
-                if t.shape[1] < most:
-                    pad = torch.zeros((1, most - t.shape[1], *t.shape[2:]), dtype=t.dtype)
-                    t = torch.cat([t, pad], dim=1)
-                padded.append(t)
-            batch[k] = torch.cat(padded, dim=0)
+            batch[k] = torch.cat([_pad_to(t, 1, most) for t in ts], dim=0)
         else:
             batch[k] = torch.cat(ts, dim=0)
     return batch
