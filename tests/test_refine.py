@@ -15,7 +15,7 @@ COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 200), (220, 200, 40), (40, 200
 CORRECTIONS = ["Melanoma, refer urgently.", "Psoriasis plaque.", "Benign naevus.", "Impetigo crusts.",
                "Eczema flare.", "Basal cell carcinoma."]
 CONTEXT = {"body_site": "back"}
-FAST = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, batch_size=6, steps=80, save_steps=0,
+FAST = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-2, batch_size=6, steps=150, save_steps=0,
             warmup_ratio=0.05, gold_holdout=0.0, eval_max_new_tokens=12, eval_metrics="rouge,repetition",
             gate_min_n=5)  # six held-out lesions: the tests decide on fewer cases than a real gate would
 
