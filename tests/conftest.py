@@ -89,9 +89,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.tiny import build_tiny_model
+    """A tiny replica of llava-hf/llava-1.5-7b-hf: its config (shrunk), processor, chat template and special tokens."""
+    from core.replicas import build_replica
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llava"), family="llava", seed=0)
+    return build_replica("llava15", tmp_path_factory.mktemp("tiny-llava"), seed=0)
 
 
 @pytest.fixture(scope="session")
