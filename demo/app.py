@@ -24,6 +24,7 @@ from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
 from demo.keys import KEYS_JS
+from demo.pairwise import MODES, build_compare
 from demo.review import KEYS_LEGEND, Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
 
@@ -182,30 +183,34 @@ def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Acco
         r_state = gr.State(ReviewState())
         refused = gr.Markdown("", visible=False, elem_id="review-refused")
         with gr.Column(visible=False) as review_panel:
-            with gr.Row(equal_height=True):
-                counter = gr.Markdown("", elem_id="review-counter")
-                blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
-                reload_btn = gr.Button("Reload queue", size="sm", scale=0)
-            with gr.Row(equal_height=True):
-                show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
-                                label="Show", elem_id="review-show", scale=2)
-                version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
-                                      scale=1)
-            gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
-            with gr.Row():
-                gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
-                                     columns=2, interactive=False, scale=2, elem_id="review-images")
-                with gr.Column(scale=3):
-                    r_history = gr.Markdown("", elem_id="review-history")
-                    r_context = gr.Markdown("", elem_id="review-context")
-                    r_question = gr.Markdown("", elem_id="review-question")
-                    r_answer = gr.Markdown("", elem_id="review-answer", container=True)
-                    r_version = gr.Markdown("", elem_id="review-version")
-            r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
-            with gr.Row():
-                save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
-                skip_btn = gr.Button("Skip", elem_id="review-skip")
-            r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+            mode = gr.Radio(MODES, value="rate", label="Mode", elem_id="review-mode",
+                            info="Rate one answer at a time, or compare two versions' answers blind")
+            with gr.Column() as rate_col:
+                with gr.Row(equal_height=True):
+                    counter = gr.Markdown("", elem_id="review-counter")
+                    blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
+                    reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+                with gr.Row(equal_height=True):
+                    show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
+                                    label="Show", elem_id="review-show", scale=2)
+                    version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
+                                          scale=1)
+                gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
+                with gr.Row():
+                    gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
+                                         columns=2, interactive=False, scale=2, elem_id="review-images")
+                    with gr.Column(scale=3):
+                        r_history = gr.Markdown("", elem_id="review-history")
+                        r_context = gr.Markdown("", elem_id="review-context")
+                        r_question = gr.Markdown("", elem_id="review-question")
+                        r_answer = gr.Markdown("", elem_id="review-answer", container=True)
+                        r_version = gr.Markdown("", elem_id="review-version")
+                r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
+                with gr.Row():
+                    save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
+                    skip_btn = gr.Button("Skip", elem_id="review-skip")
+                r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+            build_compare(ctx, mode, rate_col, review_tab, PRIVATE)
         with gr.Accordion("Erase a conversation (admins)", open=False, visible=False, elem_id="erase-box") as erase_box:
             gr.Markdown("When a patient withdraws consent or a wrong image was uploaded: the conversation's questions, "
                         "answers, images and rating texts are removed for good; a tombstone keeps who, when and why, "
