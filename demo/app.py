@@ -263,6 +263,21 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
             agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
             versions = gr.Dataframe(label="Model versions", interactive=False)
         runs = gr.Dataframe(label="Refine history (runs, decisions, metrics)", interactive=False)
+        gr.Markdown("### Version against version")
+        pair_words = gr.Markdown("", elem_id="insights-pairwise")
+        pair_table = gr.Dataframe(label="Blind pairwise review by experts (win rate: ties left out; 95 % Wilson interval)",
+                                  interactive=False, elem_id="insights-pairwise-table")
+        metric_words = gr.Markdown("", elem_id="insights-metrics-note")
+        metric_table = gr.Dataframe(label="Gate metrics: each candidate against the version it was compared with (★ decided)",
+                                    interactive=False, elem_id="insights-metrics")
+        gr.Markdown("### Refine runs: gate report and learning curve")
+        with gr.Row():
+            run_pick = gr.Dropdown([], label="Refine run", elem_id="insights-run", scale=1)
+            run_note = gr.Markdown("", elem_id="insights-run-note")
+        with gr.Row():
+            run_md = gr.Markdown("", elem_id="insights-run-report", container=True)
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Learning curve (training loss, answer tokens)",
+                                    x_title="step", y_title="loss", visible=False, elem_id="insights-loss")
         with gr.Accordion("Export the store", open=False, visible=False) as export_box:
             with gr.Row():
                 fmt = gr.Radio(list(EXPORT_FORMATS), value="csv", label="Format")
@@ -276,8 +291,12 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
             rb_status = gr.Markdown("")
 
     insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, runs_plot, versions, rb_version, summary]
-    insights_tab.select(insights.refresh, None, insights_out, **PRIVATE)
-    refresh_btn.click(insights.refresh, None, insights_out, **PRIVATE)
+    versus_out = [pair_words, pair_table, metric_words, metric_table, run_pick, run_note]
+    for event in (insights_tab.select, refresh_btn.click):
+        event(insights.refresh, None, insights_out, **PRIVATE)
+        event(insights.versus, None, versus_out, **PRIVATE).then(insights.run_report, [run_pick], [run_md, loss_plot, run_note],
+                                                                 **PRIVATE)
+    run_pick.input(insights.run_report, [run_pick], [run_md, loss_plot, run_note], **PRIVATE)
     export_btn.click(insights.export, [fmt], [export_files], **PRIVATE)
     rb_btn.click(insights.rollback, [rb_version, rb_reason], [rb_status], **PRIVATE)
     return export_box, rollback_box

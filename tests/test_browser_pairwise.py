@@ -1,6 +1,7 @@
 """Blind pairwise review in a real browser (Chromium via Playwright): the Review tab's "Compare two
 answers" mode, A and B side by side without version names, judged by keyboard (A, B, T; nothing
-while typing the correction), the versions revealed, Enter for the next pair. Screenshots go to test-artifacts/.
+while typing the correction), the versions revealed, Enter for the next pair; then the Insights tab
+shows version against version. Screenshots go to test-artifacts/.
 
     python -m pytest -q tests/test_browser_pairwise.py
 """
@@ -82,6 +83,13 @@ def test_compare_two_answers_by_keyboard(browser, tiny_model_dir, tmp_path):
             assert (x.wins, x.losses, x.ties) == ((1, 0, 1) if b_is_candidate else (0, 1, 1))
             assert [p.chosen for p in pw.pairwise_preference_pairs(s, corrections_only=True)] == ["a b t", "a b t"]
 
+        open_tab(page, "Insights")
+        page.wait_for_selector("#insights-pairwise >> text=experts preferred")
+        words = page.inner_text("#insights-pairwise")
+        assert "v2 vs v1" in words and "(1 tie)" in words and "95 % interval" in words
+        assert "0.00 to" in page.inner_text("#insights-pairwise-table") or "to 1.00" in page.inner_text("#insights-pairwise-table")
+        assert "No refine run folders yet" in page.inner_text("#insights-run-note")
+        shot(page, "pairwise-insights")
     except Exception:
         for i, p in enumerate(PAGES):
             shot(p, f"failure-pairwise-{i}")
