@@ -15,7 +15,8 @@ versions, lineage), so counts and `training_run_ratings` still add up, and an
 `Erasure` tombstone records who, when, why, what was removed and which model
 versions were trained on its ratings (and their descendants, which continued
 those adapters). Reads for people, exports, statistics and `gold_pairs` skip erased
-conversations. Image files are deleted only after the commit, so a failed
+conversations. Copies queued for blind pairwise review (`pairwise.erase_cases`) are blanked
+too. Image files are deleted only after the commit, so a failed
 erasure leaves every file in place; a file is kept if its image was recorded
 again meanwhile.
 """
@@ -134,6 +135,9 @@ def erase(s: Session, conversation_id: int, by_user_id: int, reason: str) -> Era
     hashes = tuple(s.scalars(select(Image.sha256).where(Image.id.in_(gone)))) if gone else ()
     if gone:
         s.execute(delete(Image).where(Image.id.in_(gone)))
+    from .pairwise import erase_cases
+
+    erase_cases(s, turn_ids, hashes, now)  # the copies of its questions and images queued for pairwise review
     tomb = Erasure(conversation_id=conversation_id, erased_by_id=admin.id, reason=reason, turn_ids=turn_ids,
                    rating_ids=rating_ids, images_unlinked=links, images_deleted=len(gone), trained_versions=versions,
                    training_runs=runs, created_at=now)

@@ -96,6 +96,29 @@ class RunStatus(str, enum.Enum):
     skipped = "skipped"  # too few new gold pairs
 
 
+class Choice(str, enum.Enum):
+    """What a rater clicked in blind pairwise review (A and B as shown to them)."""
+
+    a = "a"
+    b = "b"
+    tie = "tie"
+
+
+class Side(str, enum.Enum):
+    """Which version's answer a rater saw as A."""
+
+    candidate = "candidate"
+    active = "active"
+
+
+class Winner(str, enum.Enum):
+    """A pairwise choice mapped back to the versions."""
+
+    candidate = "candidate"
+    active = "active"
+    tie = "tie"
+
+
 class Split(str, enum.Enum):
     train = "train"
     heldout = "heldout"
@@ -326,6 +349,64 @@ class Erasure(TimestampMixin, Base):
     training_runs: Mapped[list[Any]] = mapped_column(default=list)  # run ids whose lineage holds its ratings
 
     erased_by: Mapped[User] = relationship()
+
+
+class PairwiseCase(TimestampMixin, Base):
+    """One case that two versions both answered, queued for blind pairwise review by experts.
+
+    `candidate` is the challenger and `active` the reference (the active version when queued). The
+    case keeps what was asked (images by hash, question, context, template) and both answers; which
+    answer is shown as A is drawn per rater (`pairwise.shown_first`), never stored here. `batch` groups
+    the cases queued together (a refine run's human gate, an on-demand comparison); (batch, key) is
+    unique, so queueing the same cases again adds nothing."""
+
+    __tablename__ = "pairwise_cases"
+    __table_args__ = (
+        UniqueConstraint("batch", "key"),
+        CheckConstraint("candidate_version_id <> active_version_id", name="two_versions"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(200))  # "turn:<id>", or a digest of images + question + context
+    # The turn the case came from (None: a held-out or regression example); an erasure of its conversation blanks the case.
+    turn_id: Mapped[int | None] = mapped_column(ForeignKey("turns.id", ondelete="RESTRICT"), index=True)
+    image_hashes: Mapped[list[Any]] = mapped_column(default=list)
+    question: Mapped[str] = mapped_column(Text)
+    context: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    template: Mapped[str] = mapped_column(String(200), default="free")
+    candidate_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
+    active_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
+    candidate_answer: Mapped[str] = mapped_column(Text)
+    active_answer: Mapped[str] = mapped_column(Text)
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # set by an erasure: skipped everywhere
+
+    candidate_version: Mapped[ModelVersion] = relationship(foreign_keys=[candidate_version_id])
+    active_version: Mapped[ModelVersion] = relationship(foreign_keys=[active_version_id])
+
+
+class PairwisePreference(TimestampMixin, Base):
+    """Append-only: a rater's blind judgement of a case (the latest per case and rater counts), with
+    the order they saw and the choice mapped back to the versions."""
+
+    __tablename__ = "pairwise_preferences"
+    __table_args__ = (Index("ix_pairwise_preferences_case_rater", "case_id", "rater_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # indexed by ix_pairwise_preferences_case_rater (case_id first)
+    case_id: Mapped[int] = mapped_column(ForeignKey("pairwise_cases.id", ondelete="RESTRICT"))
+    rater_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    shown_first: Mapped[Side] = mapped_column(_enum(Side, "shown_first"))  # the version shown as A
+    choice: Mapped[Choice] = mapped_column(_enum(Choice, "choice"))  # as clicked: A better, B better, tie
+    winner: Mapped[Winner] = mapped_column(_enum(Winner, "winner"))  # mapped back: candidate, active or tie
+    preferred_version_id: Mapped[int | None] = mapped_column(  # None for a tie
+        ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True
+    )
+    correction: Mapped[str | None] = mapped_column(Text)  # the answer the expert would give (optional)
+    comment: Mapped[str | None] = mapped_column(Text)
+
+    case: Mapped[PairwiseCase] = relationship()
+    rater: Mapped[User] = relationship()
 
 
 class Lock(TimestampMixin, Base):

@@ -24,6 +24,7 @@ from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import CONTEXT_FIELDS, Case, Consult
 from demo.insights import EXPORT_FORMATS, Insights
 from demo.keys import KEYS_JS
+from demo.pairwise import MODES, build_compare
 from demo.review import KEYS_LEGEND, Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
 
@@ -186,30 +187,34 @@ def _review_tab(ctx: Ctx, admin: Admin) -> tuple[gr.Markdown, gr.Column, gr.Acco
         r_state = gr.State(ReviewState())
         refused = gr.Markdown("", visible=False, elem_id="review-refused")
         with gr.Column(visible=False) as review_panel:
-            with gr.Row(equal_height=True):
-                counter = gr.Markdown("", elem_id="review-counter")
-                blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
-                reload_btn = gr.Button("Reload queue", size="sm", scale=0)
-            with gr.Row(equal_height=True):
-                show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
-                                label="Show", elem_id="review-show", scale=2)
-                version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
-                                      scale=1)
-            gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
-            with gr.Row():
-                gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
-                                     columns=2, interactive=False, scale=2, elem_id="review-images")
-                with gr.Column(scale=3):
-                    r_history = gr.Markdown("", elem_id="review-history")
-                    r_context = gr.Markdown("", elem_id="review-context")
-                    r_question = gr.Markdown("", elem_id="review-question")
-                    r_answer = gr.Markdown("", elem_id="review-answer", container=True)
-                    r_version = gr.Markdown("", elem_id="review-version")
-            r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
-            with gr.Row():
-                save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
-                skip_btn = gr.Button("Skip", elem_id="review-skip")
-            r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+            mode = gr.Radio(MODES, value="rate", label="Mode", elem_id="review-mode",
+                            info="Rate one answer at a time, or compare two versions' answers blind")
+            with gr.Column() as rate_col:
+                with gr.Row(equal_height=True):
+                    counter = gr.Markdown("", elem_id="review-counter")
+                    blind = gr.Checkbox(label="Blind review (hide the model version)", value=False, elem_id="review-blind")
+                    reload_btn = gr.Button("Reload queue", size="sm", scale=0)
+                with gr.Row(equal_height=True):
+                    show = gr.Radio([("All", "all"), ("Flagged", "flagged"), ("Low score", "low")], value="all",
+                                    label="Show", elem_id="review-show", scale=2)
+                    version = gr.Dropdown([("All versions", "")], value="", label="Model version", elem_id="review-version-filter",
+                                          scale=1)
+                gr.Markdown(KEYS_LEGEND, elem_id="review-keys")
+                with gr.Row():
+                    gallery = gr.Gallery(label="Images (captioned with the question they were given with)", height=300,
+                                         columns=2, interactive=False, scale=2, elem_id="review-images")
+                    with gr.Column(scale=3):
+                        r_history = gr.Markdown("", elem_id="review-history")
+                        r_context = gr.Markdown("", elem_id="review-context")
+                        r_question = gr.Markdown("", elem_id="review-question")
+                        r_answer = gr.Markdown("", elem_id="review-answer", container=True)
+                        r_version = gr.Markdown("", elem_id="review-version")
+                r_score, r_correction, r_diagnosis, r_flags, r_comment = _rating_controls("review")
+                with gr.Row():
+                    save_btn = gr.Button("Save rating & next", variant="primary", elem_id="review-save")
+                    skip_btn = gr.Button("Skip", elem_id="review-skip")
+                r_status = gr.Markdown("", elem_id="review-status", elem_classes="dl-saved")
+            build_compare(ctx, mode, rate_col, review_tab, PRIVATE)
         with gr.Accordion("Erase a conversation (admins)", open=False, visible=False, elem_id="erase-box") as erase_box:
             gr.Markdown("When a patient withdraws consent or a wrong image was uploaded: the conversation's questions, "
                         "answers, images and rating texts are removed for good; a tombstone keeps who, when and why, "
@@ -262,6 +267,21 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
             agreement = gr.Dataframe(label="Inter-rater agreement (experts)", interactive=False)
             versions = gr.Dataframe(label="Model versions", interactive=False)
         runs = gr.Dataframe(label="Refine history (runs, decisions, metrics)", interactive=False)
+        gr.Markdown("### Version against version")
+        pair_words = gr.Markdown("", elem_id="insights-pairwise")
+        pair_table = gr.Dataframe(label="Blind pairwise review by experts (win rate: ties left out; 95 % Wilson interval)",
+                                  interactive=False, elem_id="insights-pairwise-table")
+        metric_words = gr.Markdown("", elem_id="insights-metrics-note")
+        metric_table = gr.Dataframe(label="Gate metrics: each candidate against the version it was compared with (★ decided)",
+                                    interactive=False, elem_id="insights-metrics")
+        gr.Markdown("### Refine runs: gate report and learning curve")
+        with gr.Row():
+            run_pick = gr.Dropdown([], label="Refine run", elem_id="insights-run", scale=1)
+            run_note = gr.Markdown("", elem_id="insights-run-note")
+        with gr.Row():
+            run_md = gr.Markdown("", elem_id="insights-run-report", container=True)
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Learning curve (training loss, answer tokens)",
+                                    x_title="step", y_title="loss", visible=False, elem_id="insights-loss")
         with gr.Accordion("Export the store", open=False, visible=False) as export_box:
             with gr.Row():
                 fmt = gr.Radio(list(EXPORT_FORMATS), value="csv", label="Format")
@@ -275,8 +295,12 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
             rb_status = gr.Markdown("")
 
     insights_out = [table, score_plot, share_plot, trend_plot, agreement, runs, runs_plot, versions, rb_version, summary]
-    insights_tab.select(insights.refresh, None, insights_out, **PRIVATE)
-    refresh_btn.click(insights.refresh, None, insights_out, **PRIVATE)
+    versus_out = [pair_words, pair_table, metric_words, metric_table, run_pick, run_note]
+    for event in (insights_tab.select, refresh_btn.click):
+        event(insights.refresh, None, insights_out, **PRIVATE)
+        event(insights.versus, None, versus_out, **PRIVATE).then(insights.run_report, [run_pick], [run_md, loss_plot, run_note],
+                                                                 **PRIVATE)
+    run_pick.input(insights.run_report, [run_pick], [run_md, loss_plot, run_note], **PRIVATE)
     export_btn.click(insights.export, [fmt], [export_files], **PRIVATE)
     rb_btn.click(insights.rollback, [rb_version, rb_reason], [rb_status], **PRIVATE)
     return export_box, rollback_box

@@ -1,7 +1,9 @@
 """Insights: how each model version does, how much raters agree, what refinement did.
 
 `Insights(ctx).refresh` returns the tables and plot data (pandas DataFrames for
-gr.BarPlot / gr.LinePlot / gr.Dataframe), `.export` writes the store through
+gr.BarPlot / gr.LinePlot / gr.Dataframe), `.versus` version against version (blind
+pairwise review with a Wilson interval, the gate's metrics; `demo.versus`),
+`.run_report` a refine run's gate report and learning curve, `.export` writes the store through
 `annotation_db.export` into a fresh temporary folder and returns the files to
 download, `.rollback` (admins only) re-activates an earlier version.
 """
@@ -21,7 +23,9 @@ from demo.common import Ctx, admit, user_errors
 EXPORT_FORMATS = ("csv", "jsonl", "parquet")
 SHARES = [("share_corrected", "corrected"), ("share_unsafe", "unsafe"), ("share_hallucination", "hallucination"),
           ("thumbs_up_share", "thumbs up")]
-RUN_COLUMNS = ["run", "started", "status", "version", "outcome", "gate metric", "active", "candidate", "reason", "pairs"]
+NO_RUNS = "No refine run folders yet: each run's gate report and learning curve appear here after `python -m training.refine`."
+RUN_COLUMNS = ["run", "started", "status", "version", "outcome", "gate metric", "active", "candidate", "reason", "pairs",
+               "report"]
 
 
 def _fmt(value: Any) -> Any:
@@ -51,16 +55,17 @@ def refine_history(s) -> tuple[pd.DataFrame, pd.DataFrame]:
             "status": run.status.value,
             "version": version.name if version is not None else "",
             "outcome": str(outcome),
-            "gate metric": decision.get("metric") or "",
+            "gate metric": decision.get("primary") or decision.get("metric") or "",
             "active": _fmt(decision.get("active")),
             "candidate": _fmt(decision.get("candidate")),
             "reason": decision.get("reason") or report.get("reason") or "",
             "pairs": ", ".join(f"{k}: {v}" for k, v in counts.items() if not isinstance(v, (dict, list))),
+            "report": f"runs/{report['run_id']}/report.md" if report.get("run_id") else "",  # under the data folder
         })
         for series in ("active", "candidate"):
             if isinstance(decision.get(series), (int, float)):
                 points.append({"run": f"run {run.id}", "series": series, "value": float(decision[series]),  # categorical: no "1.000000" axis
-                               "metric": decision.get("metric") or ""})
+                               "metric": decision.get("primary") or decision.get("metric") or ""})
     return pd.DataFrame(rows, columns=RUN_COLUMNS), pd.DataFrame(points, columns=["run", "series", "value", "metric"])
 
 
@@ -150,6 +155,35 @@ class Insights:
                 plot(d["trend"], d["trend"]["period"].nunique() >= 2 if len(d["trend"]) else False), d["agreement"], d["runs"],
                 plot(d["run_points"], len(d["run_points"]) >= 1), d["versions"],
                 gr.update(choices=choices, value=None, interactive=who.is_admin), summary)
+
+    def versus(self, request: gr.Request) -> tuple:
+        """Outputs: pairwise words, pairwise table, metrics words, metrics table, run choices (refine runs
+        with a folder), run report note."""
+        from demo.versus import metrics_table, pairwise_table, pairwise_words, run_choices
+
+        with user_errors():
+            self.ctx.auth.identify(request)
+            with self.ctx.store.session() as s:
+                pairs, metrics = pairwise_table(s), metrics_table(s)
+                runs = run_choices(s, self.ctx.settings.runs_dir)
+        metrics_words = ("" if len(metrics) else "No version has been evaluated against another yet: "
+                         "`python -m training.refine` compares each candidate with the active version on the held-out set.")
+        note = "" if runs else NO_RUNS
+        return (pairwise_words(pairs), plot(pairs, len(pairs) >= 1), metrics_words, plot(metrics, len(metrics) >= 1),
+                gr.update(choices=runs, value=runs[0][1] if runs else None), note)
+
+    def run_report(self, run_id: str | None, request: gr.Request) -> tuple:
+        """Outputs: the gate report (Markdown), the learning curve plot, a note in words."""
+        from demo.versus import run_choices, run_report
+
+        with user_errors():
+            self.ctx.auth.identify(request)
+            report, curve, note = run_report(self.ctx.settings.runs_dir, run_id or "")
+            if not run_id:
+                with self.ctx.store.session() as s:
+                    if not run_choices(s, self.ctx.settings.runs_dir):
+                        note = NO_RUNS
+        return report, plot(curve, len(curve) >= 2), note
 
     def export(self, fmt: str, request: gr.Request) -> list[str]:
         """Write the store as `fmt` files (turns, ratings, gold pairs, preference pairs) for download."""
