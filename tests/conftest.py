@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,3 +183,60 @@ def world(db):
         t2 = store.record_turn(s, c.id, "And this one?", "A nevus.", image_hashes=[h(2)], template="qa-v1",
                                settings={}, model_version_id=v1.id)
     return dict(db=db, doc=doc.id, e1=e1.id, e2=e2.id, v1=v1.id, conv=c.id, t1=t1.id, t2=t2.id)
+
+
+# ---------------------------------------------------------------- the app's handlers, called directly
+
+USERS = {"eve": "expert", "max": "expert", "cara": "clinician", "ada": "admin"}
+
+
+def req(name: str | None = None, session: str = "s1"):
+    return SimpleNamespace(username=name, session_hash=session)
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path):
+    """The app's settings on the tiny model (short answers)."""
+    from core.config import Settings
+
+    return Settings.from_env(model=str(tiny_model_dir), max_new_tokens=8)
+
+
+@pytest.fixture
+def store(settings):
+    from annotation_db.db import Store
+
+    s = Store.open(settings.db_url)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def ctx(settings, tiny_engine, store):
+    """The app's context (runtime, logins of USERS, options) for calling handlers directly."""
+    from demo.auth import AuthConfig, UserEntry
+    from demo.common import Ctx
+    from demo.runtime import DemoOptions, attach
+
+    auth = AuthConfig(mode="password", users={n: UserEntry(r, "$2b$04$x") for n, r in USERS.items()})
+    options = DemoOptions(review_need=2, poll_s=0)
+    return Ctx(attach(settings, tiny_engine, store, options), auth, options)
+
+
+def save_png(path: Path, img=None) -> str:
+    (img or draw_lesion()).save(path)
+    return str(path)
+
+
+def ask(consult, case, files, question: str, who: str = "eve", session: str = "s1", **context):
+    form = {"case": case, "files": files, "question": question, "template": context.pop("template", "free"), **context}
+    outs = list(consult.ask(form, req(who, session)))
+    return outs
+
+
+def counts(store) -> dict[str, int]:
+    from annotation_db.export import frames
+
+    with store.session() as s:
+        f = frames(s)
+    return {"turns": len(f["turns"]), "ratings": len(f["ratings"])}

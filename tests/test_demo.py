@@ -17,61 +17,15 @@ import pandas as pd
 import pytest
 
 from annotation_db import store as st
-from annotation_db.db import Store
 from core.config import Settings
-from demo.auth import AuthConfig, UserEntry
+from demo.auth import AuthConfig
 from demo.common import Ctx
 from demo.consult import Case, Consult
 from demo.insights import Insights
 from demo.review import Review, ReviewState
 from demo.runtime import DemoOptions, attach
 
-from conftest import draw_lesion
-
-USERS = {"eve": "expert", "max": "expert", "cara": "clinician", "ada": "admin"}
-
-
-def req(name: str | None = None, session: str = "s1"):
-    return SimpleNamespace(username=name, session_hash=session)
-
-
-@pytest.fixture
-def settings(tiny_model_dir: Path) -> Settings:
-    return Settings.from_env(model=str(tiny_model_dir), max_new_tokens=8)
-
-
-@pytest.fixture
-def store(settings: Settings):
-    s = Store.open(settings.db_url)
-    yield s
-    s.dispose()
-
-
-@pytest.fixture
-def ctx(settings, tiny_engine, store) -> Ctx:
-    auth = AuthConfig(mode="password", users={n: UserEntry(r, "$2b$04$x") for n, r in USERS.items()})
-    options = DemoOptions(review_need=2, poll_s=0)
-    return Ctx(attach(settings, tiny_engine, store, options), auth, options)
-
-
-def save_png(path: Path, img=None) -> str:
-    (img or draw_lesion()).save(path)
-    return str(path)
-
-
-def ask(consult: Consult, case: Case, files, question: str, who: str = "eve", session: str = "s1", **context):
-    form = {"case": case, "files": files, "question": question, "template": context.pop("template", "free"), **context}
-    outs = list(consult.ask(form, req(who, session)))
-    return outs
-
-
-def counts(store: Store) -> dict[str, int]:
-    from annotation_db.export import frames
-
-    with store.session() as s:
-        f = frames(s)
-    return {"turns": len(f["turns"]), "ratings": len(f["ratings"])}
-
+from conftest import ask, counts, draw_lesion, req, save_png
 
 # ---------------------------------------------------------------------------- consult
 

@@ -16,8 +16,7 @@ from demo.admin import Admin
 from demo.consult import Case, Consult
 from demo.review import Review, ReviewState
 
-from conftest import draw_lesion
-from test_demo import ask, counts, ctx, req, save_png, settings, store  # noqa: F401  fixtures
+from conftest import ask, counts, draw_lesion, req, save_png
 
 
 def test_an_admin_erases_a_conversation_and_its_image_files_in_the_app(ctx, tmp_path, store):  # noqa: F811

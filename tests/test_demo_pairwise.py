@@ -15,8 +15,7 @@ from annotation_db import store as st
 from demo.consult import Case, Consult
 from demo.pairwise import PANEL, Compare, PairState
 
-from conftest import draw_lesion
-from test_demo import ask, ctx, req, save_png, settings, store  # noqa: F401  fixtures
+from conftest import ask, draw_lesion, req, save_png
 
 
 @pytest.fixture

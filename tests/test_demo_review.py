@@ -13,8 +13,7 @@ from demo.consult import Case, Consult
 from demo.review import Review, ReviewState
 from demo.runtime import attach
 
-from conftest import draw_lesion
-from test_demo import ask, ctx, req, save_png, settings, store  # noqa: F401  fixtures
+from conftest import ask, draw_lesion, req, save_png
 
 
 def test_a_follow_up_comes_with_the_earlier_questions_answers_and_images(ctx, tmp_path):  # noqa: F811

@@ -15,7 +15,7 @@ from annotation_db import store as st
 from demo.insights import Insights
 from demo.versus import metrics_table, run_folder, run_report, wilson
 
-from test_demo import ctx, req, settings, store  # noqa: F401  fixtures
+from conftest import req
 
 
 @pytest.mark.parametrize("wins,losses", [(7, 3), (0, 5), (12, 0), (1, 1), (40, 33)])

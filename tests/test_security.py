@@ -353,8 +353,7 @@ def test_another_users_session_id_reaches_nothing_of_theirs(tiny_engine, tiny_mo
     from demo.review import Review, ReviewState
     from demo.runtime import DemoOptions, attach
 
-    from test_demo import ask, counts, req, save_png
-
+    from conftest import ask, counts, req, save_png
     settings = Settings.from_env(home=tmp_path / "home", model=str(tiny_model_dir), max_new_tokens=8)
     store = Store.open(settings.db_url)
     try:
@@ -495,9 +494,8 @@ def test_export_links_name_their_owner_and_expire():
 def test_an_experts_export_is_refused_to_another_expert_over_http(tiny_model_dir, tmp_path):
     from demo.insights import Insights
 
+    from conftest import req
     from test_api import App
-    from test_demo import req
-
     users_file = tmp_path / "users.yaml"
     for name, role in (("eve", "expert"), ("max", "expert"), ("ada", "admin")):
         add_user(users_file, name, role, f"{name}-pw", rounds=4)
