@@ -4,6 +4,8 @@
     python -m annotation_db export --format parquet --out exports/
     python -m annotation_db stats                   # per model version, agreement
     python -m annotation_db erase 12 --by ADMIN --reason "consent withdrawn"   # erase a conversation
+    python -m annotation_db backup OUT_DIR          # consistent snapshot of the store and images, app running
+    python -m annotation_db restore OUT_DIR [--force]
 
 The database is `--db URL`, else DERMALOOP_DB, else SQLite in `--home DIR`
 (default DERMALOOP_HOME, else ./dermaloop-data). Bad flags or input: one line on
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("conversation_id", type=int)
     er.add_argument("--by", required=True, help="the admin's user name (recorded in the tombstone)")
     er.add_argument("--reason", required=True, help="why (recorded in the tombstone), e.g. consent withdrawn")
+    bk = sub.add_parser("backup", parents=[common], help="snapshot the store and its images while the app runs")
+    bk.add_argument("out", type=Path, help="a new (or empty) folder for the snapshot")
+    rs = sub.add_parser("restore", parents=[common], help="bring a snapshot back (stop the app first)")
+    rs.add_argument("snapshot", type=Path, help="a folder made by `backup`")
+    rs.add_argument("--force", action="store_true", help="replace a store that already holds data")
     return p
 
 
@@ -64,6 +71,14 @@ def run(argv: list[str] | None = None) -> int:
 
     url = _url(args)
     try:
+        if args.command in ("backup", "restore"):
+            from . import backup as bk
+
+            if args.command == "backup":
+                print(bk.backup(url, _home(args) / "images", args.out).message, f"-> {args.out}")
+            else:
+                print("restored", bk.restore(args.snapshot, url, _home(args) / "images", force=args.force).message)
+            return 0
         if args.command == "upgrade":
             upgrade(url)
             print("database is at the newest schema")

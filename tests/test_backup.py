@@ -1,0 +1,130 @@
+"""`python -m annotation_db backup` / `restore`: a consistent snapshot while a writer keeps rating, and its restore."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from annotation_db import Store, store
+from annotation_db.cli import run
+from annotation_db.db import default_url
+
+from conftest import draw_lesion
+
+
+@pytest.fixture
+def live(dermaloop_home):
+    """A SQLite store in DERMALOOP_HOME with one answered turn and its image file on disk."""
+    from core.images import intake
+
+    st = Store.open(default_url(dermaloop_home))
+    img = intake(draw_lesion(), dermaloop_home / "images")
+    with st.session() as s:
+        doc = store.get_or_create_user(s, "dr-clinic", "clinician")
+        expert = store.get_or_create_user(s, "expert-1")
+        v1 = store.ensure_base_version(s, "HuggingFaceTB/SmolVLM-256M-Instruct")
+        store.record_image(s, img.sha256, img.width, img.height, nbytes=img.nbytes)
+        c = store.start_conversation(s, doc.id, {"age": 61, "site": "arm"})
+        t = store.record_turn(s, c.id, "What is this?", "A nevus.", image_hashes=[img.sha256], template="free",
+                              model_version_id=v1.id)
+    yield dict(store=st, turn=t.id, expert=expert.id, sha=img.sha256, path=img.path)
+    st.dispose()
+
+
+def _rows(path):
+    con = sqlite3.connect(str(path))
+    try:
+        return (con.execute("SELECT id, turn_id, rater_id, score, comment FROM ratings ORDER BY id").fetchall(),
+                con.execute("SELECT sha256 FROM images ORDER BY id").fetchall())
+    finally:
+        con.close()
+
+
+def test_backup_while_writing_is_consistent_and_restores(live, dermaloop_home, tmp_path, capsys):
+    st, stop, written = live["store"], threading.Event(), []
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            with st.session() as s:
+                store.add_rating(s, live["turn"], live["expert"], 1 + i % 5, comment=f"pass {i}")
+            written.append(i)
+            i += 1
+
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    try:
+        while len(written) < 5:
+            stop.wait(0.01)
+        out = tmp_path / "snap"
+        assert run(["backup", str(out)]) == 0
+        during = len(written)
+        while len(written) < during + 3:  # the writer goes on after the snapshot
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        th.join(30)
+    assert "snapshot at revision" in capsys.readouterr().out
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    con = sqlite3.connect(str(out / "annotations.db"))
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    got = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("turns", "ratings", "images")}
+    rev = con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    con.close()
+    assert got == manifest["counts"] and rev == manifest["alembic_revision"]
+    assert 5 <= got["ratings"] < len(written)  # taken mid-stream: what was committed then, nothing half-written
+    assert (out / "images" / live["sha"][:2] / f"{live['sha']}.png").read_bytes() == live["path"].read_bytes()
+
+    fresh = tmp_path / "fresh-home"
+    assert run(["restore", str(out), "--home", str(fresh)]) == 0
+    assert "restored" in capsys.readouterr().out
+    assert _rows(fresh / "annotations.db") == _rows(out / "annotations.db")
+    assert (fresh / "images" / live["sha"][:2] / f"{live['sha']}.png").read_bytes() == live["path"].read_bytes()
+    with Store.open(default_url(fresh)) as again, again.session() as s:  # the app opens it as usual
+        assert [t.answer for t in store.conversation_history(s, 1)] == ["A nevus."]
+
+
+def test_restore_refuses_a_non_empty_store_without_force(live, dermaloop_home, tmp_path, capsys):
+    out = tmp_path / "snap"
+    assert run(["backup", str(out)]) == 0
+    with live["store"].session() as s:
+        store.add_rating(s, live["turn"], live["expert"], 2, comment="after the backup")
+    capsys.readouterr()
+    assert run(["restore", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and err.count("\n") == 1
+    assert len(_rows(dermaloop_home / "annotations.db")[0]) == 1  # untouched
+    live["store"].dispose()  # the app is stopped before a restore
+    assert run(["restore", str(out), "--force"]) == 0
+    assert _rows(dermaloop_home / "annotations.db")[0] == []
+
+
+def test_missing_snapshot_and_occupied_target_are_one_line(tmp_path, capsys):
+    assert run(["restore", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("annotation_db: no snapshot at") and err.count("\n") == 1
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert run(["backup", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_restore_refuses_an_unknown_revision(live, tmp_path, capsys):
+    out = tmp_path / "snap"
+    assert run(["backup", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "alembic_revision": "9999_from_the_future"}))
+    assert run(["restore", str(out), "--home", str(tmp_path / "fresh")]) == 2
+    assert "does not know" in capsys.readouterr().err
+
+
+def test_postgresql_without_pg_dump_gives_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pg_dump here
+    url = "postgresql+psycopg://derma:secret@db.internal:5432/dermaloop"
+    assert run(["backup", str(tmp_path / "snap"), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "pg_dump --format=custom" in err and "secret" not in err and err.count("\n") == 1
