@@ -1,4 +1,4 @@
-"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate, /erase).
+"""The Gradio Blocks: Consult, Review and Insights tabs, and the named API (/ask, /rate, /erase, /conversation).
 
     demo = build_demo(settings, engine, store)          # what tests build
     demo.launch(**launch_kwargs(demo))                  # what `python -m demo` and app.py do
@@ -22,6 +22,7 @@ from demo.admin import TOMBSTONE_COLUMNS, Admin
 from demo.auth import AuthConfig, Denied
 from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import CONTEXT_FIELDS, Case, Consult
+from demo.conversation import Conversations
 from demo.insights import EXPORT_FORMATS, Insights
 from demo.keys import KEYS_JS
 from demo.pairwise import MODES, build_compare
@@ -92,7 +93,7 @@ def build_demo(
             admin = Admin(ctx)
             refused, review_panel, erase_box = _review_tab(ctx, admin)
             export_box, rollback_box = _insights_tab(ctx)
-        _api(consult, admin, generate)
+        _api(consult, admin, Conversations(ctx), generate)
 
         def on_load(request: gr.Request):
             """Show each person what their role allows (the handlers check again, server-side)."""
@@ -306,8 +307,8 @@ def _insights_tab(ctx: Ctx) -> tuple[gr.Accordion, gr.Accordion]:
     return export_box, rollback_box
 
 
-def _api(consult: Consult, admin: Admin, generate: dict[str, Any]) -> None:
-    """The named API `/ask`, `/rate` and `/erase` (hidden components; documented in docs/api.md)."""
+def _api(consult: Consult, admin: Admin, conversations: Conversations, generate: dict[str, Any]) -> None:
+    """The named API `/ask`, `/rate`, `/erase` and `/conversation` (hidden components; documented in docs/api.md)."""
     with gr.Column(visible=False):
         api_images = gr.File(file_count="multiple", type="filepath", label="images")
         api_question = gr.Textbox(label="question")
@@ -330,11 +331,14 @@ def _api(consult: Consult, admin: Admin, generate: dict[str, Any]) -> None:
         api_ask_btn = gr.Button("ask")
         api_rate_btn = gr.Button("rate")
         api_erase_btn = gr.Button("erase")
+        api_read_btn = gr.Button("conversation")
+        api_view = gr.Textbox(label="conversation")
     api_ask_btn.click(consult.api_ask, [api_images, api_question, api_context, api_conversation],
                       [api_answer, api_conv_out, api_turn_out, api_version], api_name="ask", **generate)
     api_rate_btn.click(consult.api_rate, [api_turn_in, api_score, api_correction, api_diagnosis, api_comment, api_flags],
                        [api_rating], api_name="rate")
     api_erase_btn.click(admin.api_erase, [api_conversation, api_reason], [api_tombstone], api_name="erase")
+    api_read_btn.click(conversations.api_conversation, [api_conversation], [api_view], api_name="conversation")
 
 
 def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:

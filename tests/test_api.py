@@ -252,3 +252,42 @@ def test_erase_through_the_api_is_for_admins_only(tiny_model_dir, tmp_path, lesi
             cara.predict([], "And now?", "", str(int(cid)), api_name="/ask")
     finally:
         app.close()
+
+
+def test_conversation_is_for_its_author_and_experts_only(tiny_model_dir, tmp_path, lesion):
+    import json
+
+    users = tmp_path / "users.yaml"
+    for name, role in (("cara", "clinician"), ("carl", "clinician"), ("eve", "expert"), ("ada", "admin")):
+        add_user(users, name, role, f"{name}-pw", rounds=4)
+    app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users))
+    try:
+        cara, carl, eve, ada = (Client(app.url, auth=(n, f"{n}-pw"), verbose=False) for n in ("cara", "carl", "eve", "ada"))
+        context = json.dumps({"age": 47, "body_site": "shoulder"})
+        a1, cid, t1, v1 = cara.predict([handle_file(lesion)], "What is it?", context, "", api_name="/ask")
+        a2, _, t2, _ = cara.predict([], "Should it be removed?", "", str(int(cid)), api_name="/ask")
+        mine = json.loads(cara.predict(str(int(cid)), api_name="/conversation"))
+        with app.store.session() as s:
+            stored = st.conversation_history(s, int(cid))
+        assert mine["owner"] == "cara" and mine["context"]["age"] == 47 and mine["context"]["body_site"] == "shoulder"
+        assert [(t["turn_id"], t["question"], t["answer"], t["model_version"]) for t in mine["turns"]] == [
+            (int(t1), "What is it?", a1, v1), (int(t2), "Should it be removed?", a2, v1)]
+        assert mine["turns"][0]["image_hashes"] == stored[0].image_hashes and len(stored[0].image_hashes) == 1
+        assert mine["turns"][1]["image_hashes"] == [] and mine["turns"][0]["created"] <= mine["turns"][1]["created"]
+        assert json.loads(eve.predict(str(int(cid)), api_name="/conversation")) == mine
+        assert json.loads(ada.predict(str(int(cid)), api_name="/conversation")) == mine
+        with pytest.raises(AppError, match="not one of yours") as other:
+            carl.predict(str(int(cid)), api_name="/conversation")
+        with pytest.raises(AppError, match="not one of yours") as missing:  # the same answer: ids cannot be probed
+            carl.predict(str(int(cid) + 1000), api_name="/conversation")
+        assert "\n" not in str(other.value) and str(missing.value).replace(str(int(cid) + 1000), str(int(cid))) == str(other.value)
+        with pytest.raises(AppError, match="no conversation with id"):
+            eve.predict(str(int(cid) + 1000), api_name="/conversation")
+        with pytest.raises(AppError, match="positive whole number"):
+            eve.predict("1.5", api_name="/conversation")
+        ada.predict(str(int(cid)), "consent withdrawn", api_name="/erase")
+        for reader in (cara, eve):
+            with pytest.raises(AppError, match="was erased"):
+                reader.predict(str(int(cid)), api_name="/conversation")
+    finally:
+        app.close()
