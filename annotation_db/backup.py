@@ -209,8 +209,48 @@ def _store_is_empty(path: Path) -> bool:
         con.close()
 
 
-def restore(snapshot: Path, url: str, images_dir: Path, *, force: bool = False) -> Manifest:
-    """Bring a snapshot back into the store at `url` and `images_dir`; stop the app first."""
+def _erasures(path: Path) -> list[tuple[int, str, str]]:
+    """(conversation id, admin, reason) of every erasure recorded in the SQLite store at `path`."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'erasures'").fetchone():
+            return []
+        return con.execute("SELECT e.conversation_id, u.name, e.reason FROM erasures e "
+                           "JOIN users u ON u.id = e.erased_by_id ORDER BY e.id").fetchall()
+    finally:
+        con.close()
+
+
+def _reapply_erasures(url: str, images_dir: Path, erased: list[tuple[int, str, str]]) -> list[int]:
+    """Erase again what the replaced store had erased: a snapshot older than an erasure must not bring it back."""
+    if not erased:
+        return []
+    from . import store as st
+    from .db import Store
+    from .erase import erase_conversation
+    from .models import Conversation
+
+    again = []
+    with Store.open(url) as db:
+        for cid, by, reason in erased:
+            with db.session() as s:
+                conv = s.get(Conversation, cid)
+                if conv is None or conv.erased_at is not None:
+                    continue
+                st.get_or_create_user(s, by, "admin")  # an admin when they erased it, maybe not yet in the snapshot
+            erase_conversation(db, cid, by=by, reason=f"{reason} (re-applied after a restore)", images_dir=images_dir)
+            again.append(cid)
+    return again
+
+
+def restore(snapshot: Path, url: str, images_dir: Path, *, force: bool = False) -> tuple[Manifest, list[int]]:
+    """Bring a snapshot back into the store at `url` and `images_dir`; stop the app first.
+
+    Returns the manifest and the conversations erased again: an erasure recorded in the
+    replaced store (`--force`) is re-applied to the restored one, so a patient's withdrawal
+    of consent survives going back to an older snapshot."""
     snapshot = Path(snapshot)
     m = read_manifest(snapshot)
     _check_revision(m.alembic_revision)
@@ -224,6 +264,7 @@ def restore(snapshot: Path, url: str, images_dir: Path, *, force: bool = False) 
     target = sqlite_path(url)
     if not force and not _store_is_empty(target):
         raise Conflict(f"{target} already holds a store; add --force to replace it with the snapshot")
+    erased = _erasures(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".restore")
     os.close(fd)
@@ -239,4 +280,4 @@ def restore(snapshot: Path, url: str, images_dir: Path, *, force: bool = False) 
     _copy_images(snapshot / "images", Path(images_dir))
     rev, counts = _sqlite_facts(target)
     assert rev == m.alembic_revision and counts == m.counts, (rev, counts, m)
-    return m
+    return m, _reapply_erasures(url, Path(images_dir), erased)

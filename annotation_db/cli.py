@@ -77,7 +77,10 @@ def run(argv: list[str] | None = None) -> int:
             if args.command == "backup":
                 print(bk.backup(url, _home(args) / "images", args.out).message, f"-> {args.out}")
             else:
-                print("restored", bk.restore(args.snapshot, url, _home(args) / "images", force=args.force).message)
+                m, again = bk.restore(args.snapshot, url, _home(args) / "images", force=args.force)
+                print("restored", m.message)
+                if again:
+                    print(f"erased again (erased in the replaced store after this snapshot): conversations {again}")
             return 0
         if args.command == "upgrade":
             upgrade(url)

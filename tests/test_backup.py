@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from annotation_db import Store, store
+from annotation_db import NotFound, Store, store
 from annotation_db.cli import run
 from annotation_db.db import default_url
 
@@ -128,3 +128,23 @@ def test_postgresql_without_pg_dump_gives_the_command(tmp_path, monkeypatch, cap
     assert run(["backup", str(tmp_path / "snap"), "--db", url]) == 2
     err = capsys.readouterr().err
     assert "pg_dump --format=custom" in err and "secret" not in err and err.count("\n") == 1
+
+
+def test_restore_over_a_store_keeps_its_erasures(live, dermaloop_home, tmp_path, capsys):
+    from annotation_db.erase import erase_conversation
+
+    out = tmp_path / "snap"
+    assert run(["backup", str(out)]) == 0
+    with live["store"].session() as s:
+        store.get_or_create_user(s, "ada", "admin")
+    erase_conversation(live["store"], 1, by="ada", reason="consent withdrawn", images_dir=dermaloop_home / "images")
+    assert not live["path"].exists()
+    live["store"].dispose()
+    capsys.readouterr()
+    assert run(["restore", str(out), "--force"]) == 0
+    assert "erased again" in capsys.readouterr().out
+    with Store.open(default_url(dermaloop_home)) as again, again.session() as s:
+        with pytest.raises(NotFound, match="erased"):
+            store.conversation_history(s, 1)
+        assert [e.reason for e in store.list_erasures(s)] == ["consent withdrawn (re-applied after a restore)"]
+    assert not live["path"].exists()  # the image the snapshot held is deleted again
