@@ -228,3 +228,38 @@ def test_dpo_on_corrections_is_gated_and_registered(tiny_model_dir, dermaloop_ho
     db.dispose()
     cfg_json = json.loads((Path(adapter) / "adapter_config.json").read_text())
     assert "lm_head" not in str(cfg_json["target_modules"])  # TRL's DPO cannot train a LoRA on lm_head
+
+
+@pytest.mark.slow
+def test_human_gate_waits_for_the_experts_blind_comparison(tiny_model_dir, dermaloop_home, capsys):
+    from annotation_db import pairwise as pw
+    from annotation_db import store as st
+    from annotation_db.db import Store
+    from annotation_db.models import Side
+    from training.refine.run import RefineConfig, main, run_refine
+
+    settings = settings_for(dermaloop_home, tiny_model_dir)
+    seed_store(settings, [(lesion(c), QUESTION, "No idea.", a) for c, a in zip(COLOURS, CORRECTIONS)], base=str(tiny_model_dir))
+    cfg = RefineConfig(synthetic_eval=[str(eval_file(dermaloop_home / "syn"))], synthetic_ratio=0.0, human_gate=3, **FAST)
+    outcome = run_refine(settings, cfg, progress=False)
+    assert outcome.status == "awaiting-experts", outcome.summary
+    assert "3 cases wait for the experts' blind comparison" in outcome.summary
+    assert versions(settings) == {"v1": "active", "v2": "candidate"}  # passed the metrics, not promoted yet
+
+    db = Store.open(settings.db_url)
+    with db.session() as s:
+        expert = st.get_or_create_user(s, "dr-judge", "expert")
+        first = pw.next_pair(s, expert.id)
+        assert first is not None and first.image_hashes and "v2" not in first.answer_a + first.answer_b
+        pw.record_preference(s, first.case_id, expert.id, "a" if pw.shown_first(first.case_id, expert.id) is Side.candidate else "b")
+    assert main(["--min-new", "99"]) == 0  # a later refine settles first: one of three judged, so it waits
+    assert "v2 waits for the experts: 1 of 3 blind comparisons judged" in capsys.readouterr().out
+    with db.session() as s:
+        while (pair := pw.next_pair(s, expert.id)) is not None:  # the expert prefers the candidate every time
+            pw.record_preference(s, pair.case_id, expert.id, "a" if pw.shown_first(pair.case_id, expert.id) is Side.candidate else "b")
+    assert main(["--min-new", "99"]) == 0
+    assert "v2 promoted by the experts: blind pairwise review: candidate preferred 3, active 0, ties 0; win rate 1.00" in capsys.readouterr().out
+    assert versions(settings) == {"v1": "retired", "v2": "active"}
+    with db.session() as s:
+        assert "experts' blind review" in st.get_version(s, "v2").status_reason
+    db.dispose()

@@ -70,6 +70,10 @@ class RefineConfig:
     max_repetition: float = opt(0.3, "repetition rate allowed (unless no higher than the active version's)", minimum=0.0)
     max_copying: float = opt(0.3, "share of held-out answers copied from a training answer allowed (unless no higher than "
                                   "the active version's)", minimum=0.0)
+    human_gate: int = opt(0, "after the metric gate passes, queue N held-out cases for the experts' blind comparison; the "
+                             "candidate waits until they are judged (0: off)", minimum=0)
+    human_margin: float = opt(0.4, "with --human-gate: promote when the lower bound of the candidate's win rate "
+                                   "(95 % Wilson, ties left out) is at least this", minimum=0.0)
     eval_max: int = opt(200, "held-out examples at most (gold first)", minimum=0)
     eval_batch_size: int = opt(8, "answers generated together in the gate", minimum=1)
     eval_max_new_tokens: int = opt(64, "answer length cap in the gate", minimum=1)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from core.config import Settings
 from training.errors import TrainingError
 from training.refine.config import RefineConfig
+from training.refine.human_gate import batch_name, queue
 from training.refine.run import Outcome, RunPlan, Status, _read_json, _write_json
 
 IN_SAMPLE_MAX = 32  # new corrections re-asked in-sample: enough to see learning, cheap beside the held-out set
@@ -146,8 +147,12 @@ def register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, plan:
                 if any(v.adapter_path and Path(v.adapter_path) == final for v in versions):
                     raise TrainingError(f"{final} belongs to another version; refusing to overwrite it")
                 shutil.rmtree(final)  # left by a registration that was killed before its commit
-            status = "active" if decision.promote else "rejected"
-            report.update(outcome="promoted" if decision.promote else "rejected", candidate_version=name)
+            active = st.active_version(s)
+            # --human-gate: a version that passed the metric gate waits for the experts (there must be one to compare with)
+            human = bool(cfg.human_gate and decision.promote and not decision.forced and active and "candidate" in gate.reports)
+            outcome = "awaiting-experts" if human else "promoted" if decision.promote else "rejected"
+            status = {"awaiting-experts": "candidate", "promoted": "active"}.get(outcome, "rejected")
+            report.update(outcome=outcome, candidate_version=name)
             tmp = models_dir / f".tmp-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter_dir, tmp)
@@ -169,11 +174,18 @@ def register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, plan:
                                    report=_json_safe({k: v for k, v in report.items() if k != "config"}))
             metrics_record = {"candidate": metrics_c, "active": metrics_a, "compared_with": active_name,
                               "eval_n": len(plan.heldout), "decision": decision.to_dict()}
+            if human:
+                metrics_record["human_gate"] = {"batch": batch_name(run_dir.name), "n": cfg.human_gate, "active_id": active.id}
             v = st.register_version(s, base_model=run.base, adapter_path=str(final.resolve()),
                                     parent_id=run.parent, training_run_id=run.store_run_id,
                                     metrics=_json_safe(metrics_record), note=f"refine run {run_dir.name}")
             assert v.name == name, (v.name, name)
-            if decision.promote:
+            if human:
+                report["human_gate"] = {"queued": queue(
+                    s, candidate_id=v.id, active_id=active.id, heldout=plan.heldout, rep_candidate=gate.reports["candidate"],
+                    rep_active=gate.reports[gate.active_key], n=cfg.human_gate, batch=batch_name(run_dir.name),
+                    images_dir=settings.images_dir, seed=cfg.seed), "batch": batch_name(run_dir.name)}
+            elif decision.promote:
                 st.promote(s, v.id, forced=decision.forced, reason=decision.reason)
             else:
                 st.reject(s, v.id, decision.reason)
@@ -185,7 +197,9 @@ def register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, plan:
     (run_dir / "report.md").write_text(run_markdown(report), encoding="utf-8")
     _write_json(run_dir / "state.json", {**_read_json(run_dir / "state.json"), "status": "finished", "version": name})
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is registered; checkpoints are spent
-    summary = (f"refine: {name} {report['outcome']}{' (forced)' if decision.forced else ''}: {decision.reason}; "
+    waiting = (f"; {report['human_gate']['queued']} cases wait for the experts' blind comparison "
+               "(Review -> Compare two answers)") if human else ""
+    summary = (f"refine: {name} {report['outcome']}{' (forced)' if decision.forced else ''}: {decision.reason}{waiting}; "
                f"{plan.counts['train_examples']} examples, {result.steps} steps, loss {_f(result.final_loss)}; "
                f"run {run_dir.name}")
     return Outcome(Status(report["outcome"]), summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)

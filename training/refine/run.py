@@ -59,6 +59,7 @@ class Status(str, enum.Enum):
     dry_run = "dry-run"
     busy = "busy"  # another refine holds the lock
     worker = "worker"  # an accelerate process other than the main one: the main one reports
+    awaiting = "awaiting-experts"  # passed the metric gate; waits for the experts' blind comparison (--human-gate)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,10 @@ def _prepare(db: Any, settings: Settings, cfg: RefineConfig, owner: str, *, resu
         with db.session() as s:
             if not resume:
                 _abandon_interrupted(s, runs_dir)
+            from training.refine.human_gate import settle
+
+            for line in settle(s, margin=cfg.human_margin):  # candidates the experts have finished comparing
+                out(line)
             active = st.active_version(s)
             active_id = active.id if active else None
         # Outside any session: build_plan reads the store, then the files, then writes the split in
