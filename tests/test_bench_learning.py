@@ -48,7 +48,7 @@ def test_quick_run_writes_table_plot_and_accuracies(tmp_path):
     result = main(["--quick", "--sizes", "4,8", "--steps", "3", "--start-steps", "6", "--out", str(out),
                    "--work", str(tmp_path / "work")])
     table = (out / "learning.md").read_text(encoding="utf-8")
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| corrections")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| corrections", "| ---"))]
     assert [r.split("|")[1:3] for r in rows] == [[" 0 (start) ", " – "], [" 4 ", " no "], [" 4 ", " yes "],
                                                   [" 8 ", " no "], [" 8 ", " yes "]]
     saved = json.loads((out / "learning.json").read_text(encoding="utf-8"))
