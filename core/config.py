@@ -107,6 +107,8 @@ class Settings:
     offline_demo: bool = opt(False, "use the offline demonstration model and its own data (<home>/offline-demo)")
     review_own_answers: bool = opt(False, "let a rater review answers to their own questions (on: one person can try the whole "
                                           "loop, e.g. in local mode; off: experts review others' answers)")
+    kv_cache_mb: int = opt(1024, "memory for the keys/values of live conversations, so follow-ups skip re-encoding "
+                                 "(least recently used dropped first; 0: off)", minimum=0)
 
     @property
     def db_url(self) -> str:

@@ -28,6 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from core.config import GenerationSettings, Settings
 from core.errors import InputError, ModelLoadError
+from core.kv_cache import IMAGE_AXIS, ConversationCache, Reuse, fingerprint, processor_signature, slice_pixels
 from core.models import LoadedModel, load_model
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, build_messages, check_question
 
@@ -69,6 +70,15 @@ class _FirstToken(StoppingCriteria):
         if not self.first:
             self.first.append(time.perf_counter())
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """A request's conversation: its cache key, its images' fingerprints in order, the image settings."""
+
+    key: str
+    images: tuple[str, ...]
+    signature: str
 
 
 class Generation:
@@ -130,6 +140,9 @@ class Engine:
         # ZeroGPU wraps generation in spaces.GPU; everyone else calls model.generate.
         self._generate = generate_fn or self.model.generate
         self.supports_system = self._template_supports_system()
+        # Follow-ups of a conversation reuse its keys/values (core/kv_cache.py); families not listed there encode in full.
+        self.kv_cache = ConversationCache(self.settings.kv_cache_mb * 2**20)
+        self.kv_cache_supported = self.info.model_type in IMAGE_AXIS
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
@@ -181,6 +194,7 @@ class Engine:
         with self._lock:
             self.model.delete_adapter(name)
             del self._versions[name]
+            self.kv_cache.drop_version(name)
 
     def use(self, name: str) -> None:
         """Make `name` the version used when a call names none."""
@@ -216,15 +230,20 @@ class Engine:
         template: str = "free",
         generation: GenerationSettings | None = None,
         version: str | None = None,
+        conversation: str | None = None,
     ) -> Generation:
-        """Start answering; iterate the returned `Generation` for text chunks."""
+        """Start answering; iterate the returned `Generation` for text chunks.
+
+        `conversation` names the conversation (any stable key, e.g. the case's id): its follow-ups then
+        reuse the keys/values computed for the earlier turns (the same tokens, much sooner)."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
         inputs = self._prepare(images, question, context, history, template, version)
+        conv = self._conversation(conversation, history, images)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
         def run(handle: Generation) -> None:
-            handle.result = self._generate_one(inputs, gen, version, template, streamer=streamer, stop=handle._stop)
+            handle.result = self._generate_one(inputs, gen, version, template, streamer=streamer, stop=handle._stop, conv=conv)
 
         return Generation(run, streamer)
 
@@ -238,12 +257,19 @@ class Engine:
         template: str = "free",
         generation: GenerationSettings | None = None,
         version: str | None = None,
+        conversation: str | None = None,
     ) -> Answer:
         """The whole answer at once: the same text as `stream`, without its worker thread."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
         inputs = self._prepare(images, question, context, history, template, version)
-        return self._generate_one(inputs, gen, version, template)
+        return self._generate_one(inputs, gen, version, template, conv=self._conversation(conversation, history, images))
+
+    def _conversation(self, key: str | None, history: Sequence[ChatTurn], images: Sequence[Image.Image]) -> _Conv | None:
+        if key is None or not self.kv_cache_supported or self.kv_cache.budget_bytes == 0:
+            return None
+        prints = tuple(fingerprint(im) for turn in history for im in turn.images) + tuple(fingerprint(im) for im in images)
+        return _Conv(str(key), prints, processor_signature(self.processor))
 
     def _prepare(self, images, question, context, history, template, version) -> dict[str, torch.Tensor]:
         if version not in self._versions:
@@ -262,6 +288,7 @@ class Engine:
         *,
         streamer: TextIteratorStreamer | None = None,
         stop: threading.Event | None = None,
+        conv: _Conv | None = None,
     ) -> Answer:
         first: list[float] = []
         criteria = StoppingCriteriaList([_FirstToken(first)] + ([_StopOnEvent(stop)] if stop else []))
@@ -269,8 +296,17 @@ class Engine:
         with self._lock, torch.inference_mode():
             self._activate(version)
             start = time.perf_counter()
-            out = self._generate(**inputs, **self._generate_kwargs(gen), streamer=streamer, stopping_criteria=criteria)
+            run_inputs, extra = inputs, {}
+            if conv is not None:
+                reuse = self._take(conv, inputs, version)
+                extra = {"return_dict_in_generate": True}
+                if reuse.cache is not None:
+                    run_inputs = {**slice_pixels(inputs, IMAGE_AXIS[self.info.model_type], reuse.rows), "past_key_values": reuse.cache}
+            out = self._generate(**run_inputs, **self._generate_kwargs(gen), **extra, streamer=streamer, stopping_criteria=criteria)
             latency = time.perf_counter() - start
+            if conv is not None:
+                self.kv_cache.put(conv.key, version, out.sequences[0], conv.images, conv.signature, out.past_key_values)
+                out = out.sequences
         stopped = stop is not None and stop.is_set()
         return self._answer(out[0, prompt_tokens:], version=version, status="stopped" if stopped else "complete",
                             prompt_tokens=prompt_tokens, ttft_s=(first[0] - start) if first else None,
@@ -313,6 +349,13 @@ class Engine:
         return answers
 
     # -- internals --------------------------------------------------------
+    def _take(self, conv: _Conv, inputs: dict[str, torch.Tensor], version: str) -> Reuse:
+        """What of the conversation's cached keys/values this prompt reuses (called with the lock held)."""
+        pixels = inputs.get("pixel_values")
+        rows = int(pixels.shape[IMAGE_AXIS[self.info.model_type]]) if pixels is not None else 0
+        return self.kv_cache.take(conv.key, version, inputs["input_ids"][0], conv.images, conv.signature, rows_total=rows,
+                                  image_token_id=getattr(self.model.config, "image_token_id", None))
+
     def encode_prompt(self, turns: Sequence[ChatTurn], *, add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
         """The chat-template text and images for `turns` (the trainer uses this too)."""
         messages, images = build_messages(turns, system=self.supports_system)
