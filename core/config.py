@@ -109,6 +109,12 @@ class Settings:
                                           "loop, e.g. in local mode; off: experts review others' answers)")
     kv_cache_mb: int = opt(1024, "memory for the keys/values of live conversations, so follow-ups skip re-encoding "
                                  "(least recently used dropped first; 0: off)", minimum=0)
+    backend: str = opt("local", "where answers are generated: local (this process, transformers) or openai (an "
+                                "OpenAI-compatible server such as vLLM at --endpoint)", choices=("local", "openai"))
+    endpoint: str = opt("", "base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (backend openai)")
+    endpoint_model: str = opt("", "the server's name for the base model (empty: --model); adapter versions are "
+                                  "requested by their version name (vLLM LoRA adapters)")
+    endpoint_timeout_s: float = opt(120.0, "seconds to wait for the server to answer or send the next chunk", minimum=1.0)
 
     @property
     def db_url(self) -> str:

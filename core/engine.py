@@ -146,7 +146,16 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
-        """Load `settings.model` (and optionally one adapter, made the default)."""
+        """Load `settings.model` (and optionally one adapter, made the default); with `backend: openai`, a
+        `core.openai_backend.RemoteEngine` that asks the server at `settings.endpoint` instead."""
+        if settings.backend == "openai":
+            from core.openai_backend import RemoteEngine
+
+            remote = RemoteEngine(settings)
+            if adapter is not None:
+                remote.add_adapter(adapter_version, adapter)
+                remote.use(adapter_version)
+            return remote  # type: ignore[return-value]  # the same interface
         loaded = load_model(
             settings.model,
             device=settings.device,
