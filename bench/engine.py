@@ -12,6 +12,7 @@
     each decoding variant (dynamic or static KV cache, threads, fp32 or bf16) is shown as a
     fraction of that limit and as a ratio to the default, with whether its tokens equal the default's.
     `OMP_WAIT_POLICY=PASSIVE` is measured in a child process (OpenMP reads it once, at start).
+    The first row is the baseline (every thread decodes, as before `cpu_decode_threads`).
 Machines here are noisy: read the ratios, not the seconds.
 """
 
@@ -119,28 +120,27 @@ def decode_rate(engine: Engine, image: Image.Image, new_tokens: int, repeats: in
 
 
 def decode_variants(path: str, image: Image.Image, new_tokens: int, repeats: int, only_default: bool = False) -> list[dict]:
-    """Decode tokens/s of each variant, and the bandwidth limit measured beside it."""
+    """Decode tokens/s of each variant, and the bandwidth limit measured beside it. The first row is the
+    baseline: every torch thread for decoding (cpu_decode_threads=0), a dynamic KV cache, fp32."""
     rows = []
-    threads = torch.get_num_threads()
     for dtype in ("float32",) if only_default else ("float32", "bfloat16"):
         loaded = load_model(path, device="cpu", dtype=dtype, image_splitting="off")
-        engine = Engine(loaded, Settings())
         limit = bandwidth_gbs() * 1e9 / decode_weight_bytes(loaded.model)
-        variants = [("dynamic cache", {}, threads)]
+        variants = [(f"default (cpu_decode_threads={Settings.from_env().cpu_decode_threads})", {}, {})]
         if dtype == "float32" and not only_default:
-            variants += [("static cache", {"cache_implementation": "static"}, threads), ("dynamic cache, 1 thread", {}, 1)]
-        for name, kw, n in variants:
-            torch.set_num_threads(n)
+            variants = [(f"all {torch.get_num_threads()} threads (cpu_decode_threads=0)", {}, {"cpu_decode_threads": 0}),
+                        ("static cache, all threads", {"cache_implementation": "static"}, {"cpu_decode_threads": 0}), *variants]
+        for name, kw, overrides in variants:
+            engine = Engine(loaded, Settings.from_env(**overrides))
             rate, text = decode_rate(engine, image, new_tokens, repeats, **kw)
             rows.append({"dtype": dtype, "variant": name, "tokens_per_s": rate, "limit": limit, "text": text})
-        torch.set_num_threads(threads)
     return rows
 
 
 def print_decode(rows: list[dict]) -> None:
     base = rows[0]
     print("(c) decode speed vs the memory-bandwidth limit (bandwidth probe / language-model weight bytes)")
-    print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs default | same tokens |\n|---|---|---|---|---|---|---|")
+    print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs first row | same tokens |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['limit']:.1f} | {r['tokens_per_s'] / r['limit']:.2f} | "
               f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['text'] == base['text']} |")
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         print("building", "the tiny model" if args.quick else "a random model with SmolVLM-256M-Instruct's dimensions", "...")
         path = build_tiny_model(tmp, real_dims=not args.quick)
         rows = decode_variants(str(path), image, args.new_tokens, args.repeats)
+        passive = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "DERMALOOP_CPU_DECODE_THREADS": "0"}
         child = subprocess.run([sys.executable, "-m", "bench.engine", "--decode-only", str(path), "--new-tokens", str(args.new_tokens),
-                                "--repeats", str(args.repeats)], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-                               capture_output=True, text=True, check=True)
+                                "--repeats", str(args.repeats)], env=passive, capture_output=True, text=True, check=True)
         for r in json.loads(child.stdout.strip().splitlines()[-1]):
-            rows.append({**r, "variant": r["variant"] + ", OMP_WAIT_POLICY=PASSIVE"})
+            rows.append({**r, "variant": "all threads, OMP_WAIT_POLICY=PASSIVE"})
         print_decode(rows)
         print()
         loaded = load_model(path, device="cpu", image_splitting="off")

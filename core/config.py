@@ -114,6 +114,9 @@ class Settings:
     endpoint: str = opt("", "base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (backend openai)")
     endpoint_model: str = opt("", "the server's name for the base model (empty: --model); adapter versions are "
                                   "requested by their version name (vLLM LoRA adapters)")
+    cpu_decode_threads: int = opt(1, "CPU threads for decoding once the prompt is encoded (0: as many as torch uses). One "
+                                     "thread decoded 21x faster than two on 2 cores shared with other processes, where "
+                                     "OpenMP's spinning threads stall every small op (python -m bench.engine)", minimum=0)
     endpoint_timeout_s: float = opt(120.0, "seconds to wait for the server to answer or send the next chunk", minimum=1.0)
 
     @property

@@ -15,6 +15,7 @@ swapping the default version never disturbs an answer that is streaming.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,15 +62,28 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class _FirstToken(StoppingCriteria):
-    """Records when the first new token exists (time to first token) and never stops."""
+    """Records when the first new token exists (time to first token), then calls `then` (if any); never stops."""
 
-    def __init__(self, first: list[float]):
-        self.first = first
+    def __init__(self, first: list[float], then: Callable[[], None] | None = None):
+        self.first, self.then = first, then
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         if not self.first:
             self.first.append(time.perf_counter())
+            if self.then is not None:
+                self.then()
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def _restore_threads() -> Iterator[None]:
+    """Torch's thread count afterwards as before (entered with the generation lock held)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -300,9 +314,12 @@ class Engine:
         conv: _Conv | None = None,
     ) -> Answer:
         first: list[float] = []
-        criteria = StoppingCriteriaList([_FirstToken(first)] + ([_StopOnEvent(stop)] if stop else []))
+        decode_threads = self._decode_threads()
+        # Decoding switches to `cpu_decode_threads` once the prompt is encoded (bench.engine (c) says why).
+        then = (lambda: torch.set_num_threads(decode_threads)) if decode_threads else None
+        criteria = StoppingCriteriaList([_FirstToken(first, then)] + ([_StopOnEvent(stop)] if stop else []))
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), _restore_threads():
             self._activate(version)
             start = time.perf_counter()
             run_inputs, extra = inputs, {}
@@ -390,6 +407,11 @@ class Engine:
                              f"{self.settings.max_prompt_tokens}: start a new case, or use fewer images")
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+    def _decode_threads(self) -> int:
+        """Threads for the decode phase on CPU (0: leave torch's setting)."""
+        wanted = self.settings.cpu_decode_threads
+        return wanted if wanted and self.model.device.type == "cpu" and wanted < torch.get_num_threads() else 0
 
     def _generate_kwargs(self, gen: GenerationSettings) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
