@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import queue
 import socket
 import time
@@ -38,6 +39,7 @@ from core.models import ModelInfo
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, check_question, render_user_text
 
 _END = object()
+log = logging.getLogger("dermaloop.core")
 
 
 def data_url(image: Image.Image) -> str:
@@ -89,6 +91,7 @@ class RemoteEngine:
         self.base_model = settings.endpoint_model or settings.model
         self._versions: dict[str, str | None] = {version: None}
         self.default_version = version
+        self._repetition_penalty = True  # until the server refuses it (`transformers serve` does; vLLM takes it)
         self.info = ModelInfo(source=settings.model, model_type="openai", device=self.endpoint, dtype="remote",
                               parameters=0, image_splitting=None, local=False)
 
@@ -169,7 +172,7 @@ class RemoteEngine:
             payload.update(temperature=gen.temperature, top_p=gen.top_p)
         else:
             payload["temperature"] = 0.0
-        if gen.repetition_penalty != 1.0:
+        if gen.repetition_penalty != 1.0 and self._repetition_penalty:
             payload["repetition_penalty"] = gen.repetition_penalty  # vLLM's extension of the API
         return payload
 
@@ -194,7 +197,15 @@ class RemoteEngine:
         text: list[str] = []
         usage: dict[str, Any] = {}
         url = self.endpoint + "/chat/completions"
-        with self._post("/chat/completions", payload) as resp:
+        try:
+            resp = self._post("/chat/completions", payload)
+        except BackendError as e:
+            if "repetition_penalty" not in str(e) or "repetition_penalty" not in payload:
+                raise
+            log.warning("%s does not take repetition_penalty; answers go without it", self.endpoint)
+            self._repetition_penalty = False
+            resp = self._post("/chat/completions", {k: v for k, v in payload.items() if k != "repetition_penalty"})
+        with resp:
             try:
                 for raw in resp:
                     if handle.stopped:

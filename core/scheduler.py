@@ -32,7 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from transformers.generation.streamers import BaseStreamer
 
 from core.config import GenerationSettings
-from core.engine import Answer, Engine
+from core.engine import Answer, Engine, _FirstToken, _restore_threads
 from core.prompts import ChatTurn, ClinicalContext, check_question
 
 
@@ -214,11 +214,13 @@ class Scheduler:
         inputs = engine._encode([req.turns for req in batch])
         eos = engine.model.generation_config.eos_token_id
         streamer = _RowsStreamer(batch, set(eos if isinstance(eos, list) else [eos]))
-        with engine._lock, torch.inference_mode():
+        threads = engine._decode_threads()
+        then = (lambda: torch.set_num_threads(threads)) if threads else None  # as Engine: decode on cpu_decode_threads
+        with engine._lock, torch.inference_mode(), _restore_threads():
             engine._activate(batch[0].version)
             start = time.perf_counter()
             out = engine._generate(**inputs, **engine._generate_kwargs(batch[0].gen), streamer=streamer,
-                                   stopping_criteria=StoppingCriteriaList([_RowsStop(batch)]))
+                                   stopping_criteria=StoppingCriteriaList([_FirstToken([], then), _RowsStop(batch)]))
             latency = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         for row, req in enumerate(batch):

@@ -162,3 +162,57 @@ def test_answer_batch_keeps_the_order(remote):
     reqs = [ChatTurn(f"Question {i}?", images=[draw_lesion()]) for i in range(5)]
     answers = remote.answer_batch(reqs, batch_size=2)
     assert [a.text.rsplit(": ", 1)[1] for a in answers] == [f"Question {i}?" for i in range(5)]
+
+
+# ------------------------------------------------------------------ a real server: `transformers serve` on loopback
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tiny_model_dir):
+    """`transformers serve` (transformers' own OpenAI-compatible server) with the tiny model, on a loopback port.
+    It needs transformers[serving] (fastapi, uvicorn, openai): skipped where `openai` is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("openai", reason="transformers serve needs transformers[serving] (the openai package)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_model_dir), "--host",
+                             "127.0.0.1", "--port", str(port), "--device", "cpu"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            try:  # listening (its /v1/models scans the hub cache, so a plain connection tells)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not start within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_transformers_serve_answers_as_the_local_engine(transformers_serve, tiny_model_dir):
+    """The same greedy tokens from the server as from our own engine (the server splits images, so we do too)."""
+    from core.models import load_model
+
+    gen = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0)
+    remote = RemoteEngine(Settings.from_env(backend="openai", endpoint=transformers_serve, model=str(tiny_model_dir)))
+    local = Engine(load_model(tiny_model_dir, image_splitting="on"), Settings())
+    img = draw_lesion()
+    streamed = remote.stream([img], "What is this lesion?", generation=gen)
+    text = "".join(streamed)
+    first = local.answer([img], "What is this lesion?", generation=gen)
+    assert text == streamed.result.text == first.text and streamed.result.prompt_tokens == first.prompt_tokens
+    history = [ChatTurn("What is this lesion?", first.text, [img])]
+    assert remote.answer([], "Is it dangerous?", history=history, generation=gen).text == \
+        local.answer([], "Is it dangerous?", history=history, generation=gen).text
+    # transformers serve refuses vLLM's repetition_penalty field: the back-end drops it and goes on.
+    assert remote.answer([img], "Again?", generation=GenerationSettings(max_new_tokens=4)).completion_tokens > 0
+    assert remote._repetition_penalty is False
