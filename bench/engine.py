@@ -137,9 +137,9 @@ def decode_variants(path: str, image: Image.Image, new_tokens: int, repeats: int
     return rows
 
 
-def print_decode(rows: list[dict]) -> None:
+def print_decode(rows: list[dict], label: str = "(c)") -> None:
     base = rows[0]
-    print("(c) decode speed vs the memory-bandwidth limit (bandwidth probe / language-model weight bytes)")
+    print(f"{label} decode speed vs the memory-bandwidth limit (bandwidth probe / language-model weight bytes)")
     print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs first row | same tokens |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['limit']:.1f} | {r['tokens_per_s'] / r['limit']:.2f} | "

@@ -210,6 +210,8 @@ class Scheduler:
                 engine._prepare(k["images"], k["question"], k["context"], k["history"], k["template"], req.version),
                 req.gen, req.version, k["template"], streamer=req.streamer, stop=req._stop,
                 conv=engine._conversation(k["conversation"], k["history"], k["images"]))
+            if req.result.ttft_s is not None:  # generation began latency_s before now
+                req.first_token_at = time.perf_counter() - req.result.latency_s + req.result.ttft_s
             return
         inputs = engine._encode([req.turns for req in batch])
         eos = engine.model.generation_config.eos_token_id
