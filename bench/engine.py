@@ -7,13 +7,23 @@
     `model.generate`, decode), interleaved, median of repeats: ratio = ours / raw
     (target <= 1.05). Both must produce the same tokens; the table says so.
 (b) time to first token and tokens/s with image splitting off and on.
+(c) decode speed against the machine's limit: a bandwidth probe (a 1 GiB read, in this run)
+    divided by the bytes of the language model's weights gives the tokens/s that memory allows;
+    each decoding variant (dynamic or static KV cache, threads, fp32 or bf16) is shown as a
+    fraction of that limit and as a ratio to the default, with whether its tokens equal the default's.
+    `OMP_WAIT_POLICY=PASSIVE` is measured in a child process (OpenMP reads it once, at start).
+    The first row is the baseline (every thread decodes, as before `cpu_decode_threads`).
 Machines here are noisy: read the ratios, not the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -80,17 +90,85 @@ def latency(engine: Engine, image: Image.Image, new_tokens: int, repeats: int) -
     return {"ttft_s": ttft, "tokens_per_s": new_tokens / total, "latency_s": total, "prompt_tokens": runs[0].prompt_tokens}
 
 
+def bandwidth_gbs(repeats: int = 3) -> float:
+    """Read 1 GiB (a float32 sum): the memory bandwidth a decode step can hope for, in GB/s (best of `repeats`)."""
+    x = torch.ones(2**28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return 2**30 / best / 1e9
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: the language model and its head, not the vision tower,
+    and not the input embeddings (one row of them is read per token)."""
+    lm, embed = model.get_decoder(), model.get_input_embeddings()
+    skip = {id(p) for p in embed.parameters()}
+    params = {id(p): p for p in [*lm.parameters(), *model.get_output_embeddings().parameters()] if id(p) not in skip}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def decode_rate(engine: Engine, image: Image.Image, new_tokens: int, repeats: int, **generate_kw) -> tuple[float, str]:
+    """Tokens/s after the first token (the decode phase alone), median of `repeats`, and the answer."""
+    gen = GenerationSettings(max_new_tokens=new_tokens, repetition_penalty=1.0)
+    engine._generate = lambda **kw: engine.model.generate(**kw, min_new_tokens=new_tokens, **generate_kw)
+    runs = [engine.answer([image], "Describe this lesion.", generation=gen) for _ in range(repeats + 1)][1:]
+    engine._generate = engine.model.generate
+    return statistics.median((new_tokens - 1) / (a.latency_s - a.ttft_s) for a in runs), runs[0].text
+
+
+def decode_variants(path: str, image: Image.Image, new_tokens: int, repeats: int, only_default: bool = False) -> list[dict]:
+    """Decode tokens/s of each variant, and the bandwidth limit measured beside it. The first row is the
+    baseline: every torch thread for decoding (cpu_decode_threads=0), a dynamic KV cache, fp32."""
+    rows = []
+    for dtype in ("float32",) if only_default else ("float32", "bfloat16"):
+        loaded = load_model(path, device="cpu", dtype=dtype, image_splitting="off")
+        limit = bandwidth_gbs() * 1e9 / decode_weight_bytes(loaded.model)
+        variants = [(f"default (cpu_decode_threads={Settings.from_env().cpu_decode_threads})", {}, {})]
+        if dtype == "float32" and not only_default:
+            variants = [(f"all {torch.get_num_threads()} threads (cpu_decode_threads=0)", {}, {"cpu_decode_threads": 0}),
+                        ("static cache, all threads", {"cache_implementation": "static"}, {"cpu_decode_threads": 0}), *variants]
+        for name, kw, overrides in variants:
+            engine = Engine(loaded, Settings.from_env(**overrides))
+            rate, text = decode_rate(engine, image, new_tokens, repeats, **kw)
+            rows.append({"dtype": dtype, "variant": name, "tokens_per_s": rate, "limit": limit, "text": text})
+    return rows
+
+
+def print_decode(rows: list[dict], label: str = "(c)") -> None:
+    base = rows[0]
+    print(f"{label} decode speed vs the memory-bandwidth limit (bandwidth probe / language-model weight bytes)")
+    print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs first row | same tokens |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['limit']:.1f} | {r['tokens_per_s'] / r['limit']:.2f} | "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['text'] == base['text']} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model instead of SmolVLM-256M dimensions")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--decode-only", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # the child run of (c)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    image = _lesion((1536, 1152))
+    if args.decode_only:
+        print(json.dumps(decode_variants(args.decode_only, image, args.new_tokens, args.repeats, only_default=True)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         print("building", "the tiny model" if args.quick else "a random model with SmolVLM-256M-Instruct's dimensions", "...")
         path = build_tiny_model(tmp, real_dims=not args.quick)
-        image = _lesion((1536, 1152))
+        rows = decode_variants(str(path), image, args.new_tokens, args.repeats)
+        passive = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "DERMALOOP_CPU_DECODE_THREADS": "0"}
+        child = subprocess.run([sys.executable, "-m", "bench.engine", "--decode-only", str(path), "--new-tokens", str(args.new_tokens),
+                                "--repeats", str(args.repeats)], env=passive, capture_output=True, text=True, check=True)
+        for r in json.loads(child.stdout.strip().splitlines()[-1]):
+            rows.append({**r, "variant": "all threads, OMP_WAIT_POLICY=PASSIVE"})
+        print_decode(rows)
+        print()
         loaded = load_model(path, device="cpu", image_splitting="off")
         engine = Engine(loaded, Settings())
         print(f"{loaded.info.parameters / 1e6:.0f}M parameters, {torch.get_num_threads()} CPU threads\n")

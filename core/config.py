@@ -110,6 +110,17 @@ class Settings:
                                          "that code runs with your rights")
     quantize: str = opt("", "4bit: load the weights in 4-bit NF4 (bitsandbytes, CUDA only), for inference", choices=("", "4bit"))
     device_map: str = opt("", "auto: spread a model larger than one GPU over all GPUs (accelerate)", choices=("", "auto"))
+    kv_cache_mb: int = opt(1024, "memory for the keys/values of live conversations, so follow-ups skip re-encoding "
+                                 "(least recently used dropped first; 0: off)", minimum=0)
+    backend: str = opt("local", "where answers are generated: local (this process, transformers) or openai (an "
+                                "OpenAI-compatible server such as vLLM at --endpoint)", choices=("local", "openai"))
+    endpoint: str = opt("", "base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (backend openai)")
+    endpoint_model: str = opt("", "the server's name for the base model (empty: --model); adapter versions are "
+                                  "requested by their version name (vLLM LoRA adapters)")
+    cpu_decode_threads: int = opt(1, "CPU threads for decoding once the prompt is encoded (0: as many as torch uses). One "
+                                     "thread decoded 21x faster than two on 2 cores shared with other processes, where "
+                                     "OpenMP's spinning threads stall every small op (python -m bench.engine)", minimum=0)
+    endpoint_timeout_s: float = opt(120.0, "seconds to wait for the server to answer or send the next chunk", minimum=1.0)
 
     @property
     def db_url(self) -> str:

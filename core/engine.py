@@ -15,6 +15,7 @@ swapping the default version never disturbs an answer that is streaming.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
@@ -29,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from core.config import GenerationSettings, Settings
 from core.errors import InputError, ModelLoadError
+from core.kv_cache import IMAGE_AXIS, ConversationCache, Reuse, fingerprint, processor_signature, slice_pixels
 from core.models import LoadedModel, context_length, load_model
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, build_messages, check_question
 
@@ -61,15 +63,37 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class _FirstToken(StoppingCriteria):
-    """Records when the first new token exists (time to first token) and never stops."""
+    """Records when the first new token exists (time to first token), then calls `then` (if any); never stops."""
 
-    def __init__(self, first: list[float]):
-        self.first = first
+    def __init__(self, first: list[float], then: Callable[[], None] | None = None):
+        self.first, self.then = first, then
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         if not self.first:
             self.first.append(time.perf_counter())
+            if self.then is not None:
+                self.then()
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def _restore_threads() -> Iterator[None]:
+    """Torch's thread count afterwards as before (entered with the generation lock held)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """A request's conversation: its cache key, its images' fingerprints in order, the image settings."""
+
+    key: str
+    images: tuple[str, ...]
+    signature: str
 
 
 class Generation:
@@ -133,10 +157,22 @@ class Engine:
         self.supports_system = self._template_supports_system()
         self.context_tokens = context_length(self.model.config)  # the longest sequence the model reads
         self._takes_token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
+        # Follow-ups of a conversation reuse its keys/values (core/kv_cache.py); families not listed there encode in full.
+        self.kv_cache = ConversationCache(self.settings.kv_cache_mb * 2**20)
+        self.kv_cache_supported = self.info.model_type in IMAGE_AXIS
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
-        """Load `settings.model` (and optionally one adapter, made the default)."""
+        """Load `settings.model` (and optionally one adapter, made the default); with `backend: openai`, a
+        `core.openai_backend.RemoteEngine` that asks the server at `settings.endpoint` instead."""
+        if settings.backend == "openai":
+            from core.openai_backend import RemoteEngine
+
+            remote = RemoteEngine(settings)
+            if adapter is not None:
+                remote.add_adapter(adapter_version, adapter)
+                remote.use(adapter_version)
+            return remote  # type: ignore[return-value]  # the same interface
         loaded = load_model(
             settings.model,
             device=settings.device,
@@ -187,6 +223,7 @@ class Engine:
         with self._lock:
             self.model.delete_adapter(name)
             del self._versions[name]
+            self.kv_cache.drop_version(name)
 
     def use(self, name: str) -> None:
         """Make `name` the version used when a call names none."""
@@ -222,15 +259,20 @@ class Engine:
         template: str = "free",
         generation: GenerationSettings | None = None,
         version: str | None = None,
+        conversation: str | None = None,
     ) -> Generation:
-        """Start answering; iterate the returned `Generation` for text chunks."""
+        """Start answering; iterate the returned `Generation` for text chunks.
+
+        `conversation` names the conversation (any stable key, e.g. the case's id): its follow-ups then
+        reuse the keys/values computed for the earlier turns (the same tokens, much sooner)."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
         inputs = self._prepare(images, question, context, history, template, version)
+        conv = self._conversation(conversation, history, images)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
         def run(handle: Generation) -> None:
-            handle.result = self._generate_one(inputs, gen, version, template, streamer=streamer, stop=handle._stop)
+            handle.result = self._generate_one(inputs, gen, version, template, streamer=streamer, stop=handle._stop, conv=conv)
 
         return Generation(run, streamer)
 
@@ -244,12 +286,19 @@ class Engine:
         template: str = "free",
         generation: GenerationSettings | None = None,
         version: str | None = None,
+        conversation: str | None = None,
     ) -> Answer:
         """The whole answer at once: the same text as `stream`, without its worker thread."""
         gen = generation or self.settings.generation()
         version = version or self.default_version
         inputs = self._prepare(images, question, context, history, template, version)
-        return self._generate_one(inputs, gen, version, template)
+        return self._generate_one(inputs, gen, version, template, conv=self._conversation(conversation, history, images))
+
+    def _conversation(self, key: str | None, history: Sequence[ChatTurn], images: Sequence[Image.Image]) -> _Conv | None:
+        if key is None or not self.kv_cache_supported or self.kv_cache.budget_bytes == 0:
+            return None
+        prints = tuple(fingerprint(im) for turn in history for im in turn.images) + tuple(fingerprint(im) for im in images)
+        return _Conv(str(key), prints, processor_signature(self.processor))
 
     def _prepare(self, images, question, context, history, template, version) -> dict[str, torch.Tensor]:
         if version not in self._versions:
@@ -268,15 +317,28 @@ class Engine:
         *,
         streamer: TextIteratorStreamer | None = None,
         stop: threading.Event | None = None,
+        conv: _Conv | None = None,
     ) -> Answer:
         first: list[float] = []
-        criteria = StoppingCriteriaList([_FirstToken(first)] + ([_StopOnEvent(stop)] if stop else []))
+        decode_threads = self._decode_threads()
+        # Decoding switches to `cpu_decode_threads` once the prompt is encoded (bench.engine (c) says why).
+        then = (lambda: torch.set_num_threads(decode_threads)) if decode_threads else None
+        criteria = StoppingCriteriaList([_FirstToken(first, then)] + ([_StopOnEvent(stop)] if stop else []))
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), _restore_threads():
             self._activate(version)
             start = time.perf_counter()
-            out = self._generate(**inputs, **self._generate_kwargs(gen), streamer=streamer, stopping_criteria=criteria)
+            run_inputs, extra = inputs, {}
+            if conv is not None:
+                reuse = self._take(conv, inputs, version)
+                extra = {"return_dict_in_generate": True}
+                if reuse.cache is not None:
+                    run_inputs = {**slice_pixels(inputs, IMAGE_AXIS[self.info.model_type], reuse.rows), "past_key_values": reuse.cache}
+            out = self._generate(**run_inputs, **self._generate_kwargs(gen), **extra, streamer=streamer, stopping_criteria=criteria)
             latency = time.perf_counter() - start
+            if conv is not None:
+                self.kv_cache.put(conv.key, version, out.sequences[0], conv.images, conv.signature, out.past_key_values)
+                out = out.sequences
         stopped = stop is not None and stop.is_set()
         return self._answer(out[0, prompt_tokens:], version=version, status="stopped" if stopped else "complete",
                             prompt_tokens=prompt_tokens, ttft_s=(first[0] - start) if first else None,
@@ -319,6 +381,13 @@ class Engine:
         return answers
 
     # -- internals --------------------------------------------------------
+    def _take(self, conv: _Conv, inputs: dict[str, torch.Tensor], version: str) -> Reuse:
+        """What of the conversation's cached keys/values this prompt reuses (called with the lock held)."""
+        pixels = inputs.get("pixel_values")
+        rows = int(pixels.shape[IMAGE_AXIS[self.info.model_type]]) if pixels is not None else 0
+        return self.kv_cache.take(conv.key, version, inputs["input_ids"][0], conv.images, conv.signature, rows_total=rows,
+                                  image_token_id=getattr(self.model.config, "image_token_id", None))
+
     def encode_prompt(self, turns: Sequence[ChatTurn], *, add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
         """The chat-template text and images for `turns` (the trainer uses this too)."""
         messages, images = build_messages(turns, system=self.supports_system)
@@ -347,6 +416,11 @@ class Engine:
                              f"{limit}: start a new case, or use fewer images")
         device, dtype = self.model.device, self.model.dtype
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+    def _decode_threads(self) -> int:
+        """Threads for the decode phase on CPU (0: leave torch's setting)."""
+        wanted = self.settings.cpu_decode_threads
+        return wanted if wanted and self.model.device.type == "cpu" and wanted < torch.get_num_threads() else 0
 
     def _generate_kwargs(self, gen: GenerationSettings) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

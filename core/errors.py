@@ -19,3 +19,7 @@ class InputError(DermaLoopError):
 
 class ModelLoadError(DermaLoopError):
     """A model or adapter that cannot be found or loaded."""
+
+
+class BackendError(DermaLoopError):
+    """A remote serving back-end (an OpenAI-compatible server) that is down, refuses, or answers nonsense."""

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +54,8 @@ class Case:
     last_turn_id: int | None = None
     last_answer: str = ""
     owner: str | None = None  # the signed-in user this page belongs to (demo.common.bind)
+    cache_key: str | None = None  # the engine's key for this case's cached keys/values (set at the first question:
+    # gr.State copies its initial Case into every session, so a default made here would be shared)
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,10 @@ class Consult:
                 raise InputError(f"{len(images)} images given; at most {self.ctx.settings.max_images} per question")
             history = self._history(case.turns, context)
             self.ctx.runtime.sync()
+            case.cache_key = case.cache_key or f"case-{uuid.uuid4().hex}"
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if case.turns else context,
-                                          history=history, template=template, generation=self.ctx.settings.generation())
+                                          history=history, template=template, generation=self.ctx.settings.generation(),
+                                          conversation=case.cache_key)
         key = self._key(who, request)
         self._running[key] = gen
         # The images at the turn they were given (Gradio's multimodal chat messages: a file path per message).
@@ -379,12 +384,16 @@ class Consult:
                 known = [h for t in turns for h in t.image_hashes]
             images = self._new_images(self._intake(images), known)
             self.ctx.runtime.sync()
+            key = f"conversation-{cid}" if cid is not None else f"new-{uuid.uuid4().hex}"
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if turns else ctx_obj,
-                                          history=self._history(turns, ctx_obj), generation=self.ctx.settings.generation())
+                                          history=self._history(turns, ctx_obj), generation=self.ctx.settings.generation(),
+                                          conversation=key)
             for _ in gen:
                 pass
             answer = gen.result
             rec = self._record(who, cid, ctx_obj, question, images, answer)
+            if cid is None:  # the follow-ups of an API conversation name it by its stored id
+                self.ctx.runtime.engine.kv_cache.rename(key, f"conversation-{rec.conversation_id}")
         return answer.text, rec.conversation_id, rec.turn_id, rec.version
 
     def _load_conversation(self, cid: int, who: Identity) -> tuple[ClinicalContext, list[PastTurn]]:

@@ -57,6 +57,16 @@ def test_ask_streams_records_and_shows_version(ctx, tmp_path, store):
     assert len(stored) == 1 and "a.png" not in stored[0].name  # content-addressed, no file name kept
 
 
+def test_a_follow_up_reuses_the_cases_cached_keys_and_values(ctx, tmp_path, tiny_engine):
+    consult, case = Consult(ctx), Case()
+    files = [save_png(tmp_path / "a.png")]
+    ask(consult, case, files, "What is this lesion?")
+    assert case.cache_key is not None and case.cache_key in tiny_engine.kv_cache
+    ask(consult, case, files, "Is it dangerous?")
+    assert tiny_engine.kv_cache.stats.hits == 1 and tiny_engine.kv_cache.stats.reused_tokens > 0
+    assert consult.new_case()[1].cache_key is None  # a new case starts its own
+
+
 def test_follow_up_continues_the_case_with_the_same_images(ctx, tmp_path, store):
     consult, case = Consult(ctx), Case()
     files = [save_png(tmp_path / "a.png")]

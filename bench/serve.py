@@ -1,0 +1,110 @@
+"""Serving benchmark: follow-ups from the KV cache, clinicians asking at once, cache memory, decode vs bandwidth.
+
+    python -m bench.serve            # SmolVLM-256M's real dimensions, random weights (~10 min on 2 cores)
+    python -m bench.serve --quick    # the tiny test model (a minute)
+
+(a) a follow-up's time to first token, image splitting on: the conversation's cached keys/values
+    (core/kv_cache.py) against encoding it again, and whether both give the same tokens (target >= 20x);
+(b) the cache's memory per conversation after that follow-up;
+(c) 1, 4 and 8 clinicians asking at once: total tokens/s through the batching scheduler
+    (core/scheduler.py) against answering them one at a time (target >= 2x at 4), and p50/p95 time
+    to first token as each clinician sees it (from asking);
+(d) decode tokens/s for one clinician as a fraction of the memory-bandwidth limit (bench.engine (c)).
+Ratios are taken within this run; machines here are noisy and shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from bench.engine import _lesion, decode_variants, print_decode
+from core.config import GenerationSettings, Settings
+from core.engine import Engine
+from core.models import load_model
+from core.prompts import ChatTurn
+from core.scheduler import Scheduler
+from core.tiny import build_tiny_model
+
+
+def follow_up(path: str, new_tokens: int) -> dict:
+    engine = Engine(load_model(path, device="cpu", image_splitting="on"), Settings())
+    gen = GenerationSettings(max_new_tokens=new_tokens, repetition_penalty=1.0)
+    image = _lesion((1536, 1152))
+    first = engine.answer([image], "What is this lesion?", generation=gen, conversation="case")
+    history = [ChatTurn("What is this lesion?", first.text, [image])]
+    full = engine.answer([], "Is it dangerous?", history=history, generation=gen)
+    cached = engine.answer([], "Is it dangerous?", history=history, generation=gen, conversation="case")
+    return {"prompt_tokens": full.prompt_tokens, "full_ttft": full.ttft_s, "cached_ttft": cached.ttft_s,
+            "same": full.text == cached.text, "bytes": engine.kv_cache.nbytes, "reused": engine.kv_cache.stats.reused_tokens}
+
+
+def clinicians(engine: Engine, n: int, new_tokens: int) -> dict:
+    """n questions asked at the same moment: through the scheduler, then one at a time."""
+    gen = GenerationSettings(max_new_tokens=new_tokens, repetition_penalty=1.0)
+    asks = [([_lesion((640 + 32 * i, 480))], f"Clinician {i}: what is this lesion?") for i in range(n)]
+    engine._generate = lambda **kw: engine.model.generate(**kw, min_new_tokens=new_tokens)  # equal work per answer
+    scheduler = Scheduler(engine, max_batch=8, window_s=0.05)
+    ttft: list[float] = []
+    tokens = 0
+
+    def read(handle, asked):
+        nonlocal tokens
+        handle.wait()  # a token, not a chunk: a random model's first words may print nothing
+        ttft.append(handle.first_token_at - asked)
+        tokens += handle.result.completion_tokens
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=read, args=(scheduler.submit(imgs, q, generation=gen), time.perf_counter())) for imgs, q in asks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batched_s = time.perf_counter() - start
+    scheduler.close()
+    start = time.perf_counter()
+    seq_tokens = sum(engine.answer(imgs, q, generation=gen).completion_tokens for imgs, q in asks)
+    sequential_s = time.perf_counter() - start
+    engine._generate = engine.model.generate
+    q = statistics.quantiles(ttft, n=20, method="inclusive") if len(ttft) > 1 else [ttft[0]] * 19
+    return {"n": n, "batched_tps": tokens / batched_s, "sequential_tps": seq_tokens / sequential_s,
+            "p50": statistics.median(ttft), "p95": q[18]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model instead of SmolVLM-256M dimensions")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--skip-follow-up", action="store_true", help="only (c) and (d)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(build_tiny_model(tmp, real_dims=not args.quick))
+        print(f"model: {'tiny' if args.quick else 'SmolVLM-256M dimensions, random weights'}; {torch.get_num_threads()} CPU threads\n")
+        f = None if args.skip_follow_up else follow_up(path, args.new_tokens)
+        if f is not None:
+            print("(a) follow-up time to first token, image splitting on")
+            print(f"| prompt tokens | re-encoded s | cached s | ratio | same tokens |\n|---|---|---|---|---|\n"
+                  f"| {f['prompt_tokens']} | {f['full_ttft']:.2f} | {f['cached_ttft']:.3f} | {f['full_ttft'] / f['cached_ttft']:.1f}x | "
+                  f"{f['same']} |  (target >= 20x)\n")
+            print(f"(b) cache memory: {f['bytes'] / 2**20:.1f} MiB for one conversation of {f['reused']} reused + new tokens\n")
+        engine = Engine(load_model(path, device="cpu", image_splitting="off"), Settings())
+        engine.answer([_lesion((640, 480))], "warm-up", generation=GenerationSettings(max_new_tokens=2))
+        print(f"(c) clinicians asking at once, {args.new_tokens} tokens each, image splitting off")
+        print("| clinicians | one at a time tokens/s | batched tokens/s | ratio | p50 time to first token s | p95 s |\n"
+              "|---|---|---|---|---|---|")
+        for n in (1, 4, 8):
+            c = clinicians(engine, n, args.new_tokens)
+            print(f"| {n} | {c['sequential_tps']:.1f} | {c['batched_tps']:.1f} | {c['batched_tps'] / c['sequential_tps']:.2f}x | "
+                  f"{c['p50']:.2f} | {c['p95']:.2f} |")
+        print("(target >= 2x at 4)\n")
+        print_decode(decode_variants(path, _lesion((1536, 1152)), args.new_tokens, repeats=3, only_default=True), "(d)")
+
+
+if __name__ == "__main__":
+    main()
