@@ -141,3 +141,34 @@ def test_min_new_ignores_ratings_a_rejected_candidate_already_tried(tiny_model_d
     plan = build_plan(db, RefineConfig(gold_holdout=0.0), images_dir=settings.images_dir, active_version_id=active_id)
     assert plan.new_gold == 1 and plan.counts["gold_train"] == 4
     db.dispose()
+
+
+def test_blind_preferences_become_dpo_pairs_but_never_from_the_gates_cases(tiny_model_dir, dermaloop_home):
+    from annotation_db import pairwise as pw
+    from annotation_db import store as st
+    from annotation_db.models import Side
+    from core.images import intake
+    from training.refine.data import build_plan
+    from training.refine.run import RefineConfig
+
+    settings = settings_for(dermaloop_home, tiny_model_dir)
+    seeded = seed_store(settings, [(lesion(COLOURS[0]), QUESTION, "No idea.", CORRECTIONS[0])], base=str(tiny_model_dir))
+    gate_image = intake(lesion(COLOURS[1]), settings.images_dir).sha256  # a synthetic held-out image of a gate
+    db = _store(settings)
+    with db.session() as s:
+        v1 = st.active_version(s)
+        v2 = st.register_version(s, base_model=str(tiny_model_dir))
+        expert = st.get_or_create_user(s, "dr-judge", "expert")
+        cases = [pw.CaseIn(QUESTION, "Melanoma.", "Naevus.", image_hashes=[h], key=k)
+                 for h, k in ((seeded["hashes"][0], "trained-image"), (gate_image, "gate-case"))]
+        pw.add_pairwise_cases(s, cases, candidate=v2.id, active=v1.id, batch="on-demand")
+        while (pair := pw.next_pair(s, expert.id)) is not None:  # the candidate preferred each time
+            pw.record_preference(s, pair.case_id, expert.id, "a" if pw.shown_first(pair.case_id, expert.id) is Side.candidate else "b")
+    plan = build_plan(db, RefineConfig(gold_holdout=0.0), images_dir=settings.images_dir, active_version_id=None)
+    db.dispose()
+    blind = [p for p in plan.preference_pairs if p["chosen"] == "Melanoma."]
+    assert plan.counts["pairwise_preference_pairs"] == 2 and len(blind) == 2
+    assert all(p["rejected"] == "Naevus." and p["rating_ids"] == [] for p in blind)
+    assert sorted(p["heldout"] for p in blind) == [False, True]  # the gate's case is never trained on
+    trained = next(p for p in blind if not p["heldout"])
+    assert seeded["hashes"][0] in trained["images"][0]

@@ -122,6 +122,9 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
         new_ids = {p.turn_id for p in st.gold_pairs(s, accept_threshold=cfg.accept_threshold, roles=roles,
                                                    since_version_id=active_version_id).pairs} if active else None
         tried = tried_rating_ids(s, active)
+        from annotation_db.pairwise import pairwise_preference_pairs
+
+        pairwise = pairwise_preference_pairs(s)  # the experts' blind A/B preferences (and their corrections)
         s.rollback()
     # 2. Files: no store transaction is open here.
     missing = text_only = 0
@@ -213,4 +216,14 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
          "rating_ids": list(p.rating_ids), "heldout": any(split.get(h) == "heldout" for h in p.image_hashes)}
         for p in gold.preference_pairs if p.image_hashes  # text-only pairs are left out, as for SFT
     ]
+    # A blind comparison trains only on images of the gold training split: the gate's own cases (held-out
+    # gold, or synthetic held-out images the store has no split for) never become training data.
+    trainable = {h for h in hashes if split.get(h) != "heldout"}
+    prefs += [
+        {"turn_id": p.turn_id, "images": [str(image_path(images_dir, h)) for h in p.image_hashes], "question": p.question,
+         "context": p.context or None, "template": p.template, "chosen": p.chosen, "rejected": p.rejected,
+         "rating_ids": [], "heldout": not set(p.image_hashes) <= trainable}
+        for p in pairwise if p.image_hashes
+    ]
+    counts["pairwise_preference_pairs"] = len(pairwise)
     return DataPlan(train, heldout, counts, sorted(rating_ids), [ex.id for ex in syn_used], prefs, new_gold, new_train_ids)
