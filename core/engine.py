@@ -96,11 +96,45 @@ class _Conv:
     signature: str
 
 
-class Generation:
-    """A running answer: iterate for text chunks, `stop()` to cancel, `result` when done."""
+class Handle:
+    """An answer under way: iterate for text chunks, `stop()` to cancel, `result` (an Answer) when done.
+    Subclasses set `streamer` and say in `_finished()` how to wait for the end of the work."""
+
+    streamer: Any
+    result: Answer | None
+    _stop: threading.Event
+    _exc: BaseException | None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _finished(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.streamer:
+            if chunk:
+                yield chunk
+        self._finished()
+        if self._exc is not None:
+            raise self._exc
+
+    def wait(self) -> Answer:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Generation(Handle):
+    """One answer generated on its own thread (see `Handle`)."""
 
     def __init__(self, run: Callable[["Generation"], None], streamer: TextIteratorStreamer):
-        self._streamer = streamer
+        self.streamer = streamer
         self._stop = threading.Event()
         self.result: Answer | None = None
         self._exc: BaseException | None = None
@@ -112,28 +146,10 @@ class Generation:
             run(self)
         except BaseException as e:  # surfaced to the consumer in __iter__
             self._exc = e
-            self._streamer.end()
+            self.streamer.end()
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
-
-    def __iter__(self) -> Iterator[str]:
-        for chunk in self._streamer:
-            if chunk:
-                yield chunk
+    def _finished(self) -> None:
         self._thread.join()
-        if self._exc is not None:
-            raise self._exc
-
-    def wait(self) -> Answer:
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class Engine:

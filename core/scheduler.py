@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -32,12 +32,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from transformers.generation.streamers import BaseStreamer
 
 from core.config import GenerationSettings
-from core.engine import Answer, Engine, _FirstToken, _restore_threads
+from core.engine import Answer, Engine, Handle, _FirstToken, _restore_threads
 from core.prompts import ChatTurn, ClinicalContext, check_question
 
 
-class Request:
-    """One clinician's question in the queue: iterate for text, `stop()`, `result` when done (as `Generation`)."""
+class Request(Handle):
+    """One clinician's question in the queue: iterate for text, `stop()`, `result` when done (see `Handle`)."""
 
     def __init__(self, turns: list[ChatTurn], kwargs: dict[str, Any], gen: GenerationSettings, version: str, streamer):
         self.turns, self.kwargs, self.gen, self.version = turns, kwargs, gen, version
@@ -53,26 +53,8 @@ class Request:
     def has_images(self) -> bool:
         return any(t.images for t in self.turns)
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
-
-    def __iter__(self) -> Iterator[str]:
-        for chunk in self.streamer:
-            if chunk:
-                yield chunk
+    def _finished(self) -> None:
         self._done.wait()
-        if self._exc is not None:
-            raise self._exc
-
-    def wait(self) -> Answer:
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class _RowsStreamer(BaseStreamer):

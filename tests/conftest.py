@@ -240,3 +240,20 @@ def counts(store) -> dict[str, int]:
     with store.session() as s:
         f = frames(s)
     return {"turns": len(f["turns"]), "ratings": len(f["ratings"])}
+
+
+# ---------------------------------------------------------------- a real browser (Debian's Chromium, never a downloaded one)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()

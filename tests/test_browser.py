@@ -15,12 +15,10 @@ import pytest
 
 from demo.auth import AuthConfig, add_user
 
+from conftest import CHROMIUM
 from test_api import App
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 EXAMPLE = Path(__file__).resolve().parents[1] / "demo" / "examples" / "irregular-pigmented-lesion.png"
 
 pytestmark = [
@@ -39,16 +37,6 @@ def app(tiny_model_dir, tmp_path_factory):
     a.token_delay_s = 0.15
     yield a
     a.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 PAGES: list = []  # every page opened, screenshotted if the test fails

@@ -11,27 +11,18 @@ from __future__ import annotations
 
 import pytest
 from gradio_client import Client, handle_file
-from test_browser import CHROMIUM, CHROMIUM_ARGS, EXAMPLE, PAGES, open_tab, shot, sign_in
+from test_browser import EXAMPLE, PAGES, open_tab, shot, sign_in
 
 from annotation_db import store as st
 from demo.auth import AuthConfig, add_user
 
+from conftest import CHROMIUM
 from test_api import App
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_review_by_keyboard_and_erase_as_admin(browser, tiny_model_dir, tmp_path):
