@@ -2,9 +2,11 @@
 
     python -m annotation_db export --format parquet --out exports/
 
-Four tables: `turns` (conversations with their turns), `ratings` (every rating,
+Five tables: `turns` (conversations with their turns), `ratings` (every rating,
 the effective ones marked), `gold_pairs` and `preference_pairs` (as training sees
-them); erased conversations (`erase.py`) are left out of all four. Images appear only as content hashes, or in the `hf` format as pixels
+them) and `pairwise` (every blind A/B judgement with its case and both versions,
+the effective ones marked); erased conversations (`erase.py`) and erased pairwise
+cases are left out of all five. Images appear only as content hashes, or in the `hf` format as pixels
 re-encoded from the stored PNGs with no metadata at all: no file names, no EXIF,
 no text chunks, no sizes.
 """
@@ -16,15 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .db import Store
 from .errors import InvalidInput, NotFound
-from .models import Conversation, ModelVersion, Rating, Turn, User
+from .models import Conversation, ModelVersion, PairwiseCase, PairwisePreference, Rating, Turn, User
 from .store import _turn_images, gold_pairs
 
 FORMATS = ("csv", "jsonl", "parquet", "hf")
-TABLES = ("turns", "ratings", "gold_pairs", "preference_pairs")
+TABLES = ("turns", "ratings", "gold_pairs", "preference_pairs", "pairwise")
 
 
 def turns_frame(s: Session) -> pd.DataFrame:
@@ -75,6 +77,35 @@ def ratings_frame(s: Session) -> pd.DataFrame:
     return df
 
 
+def pairwise_frame(s: Session) -> pd.DataFrame:
+    """One row per blind judgement (append-only history) with its case, both versions' names and
+    answers, the order the rater saw and the winner mapped back; `effective` marks the latest per
+    case and rater. Cases blanked by an erasure are left out."""
+    latest = set(s.scalars(select(func.max(PairwisePreference.id))
+                           .group_by(PairwisePreference.case_id, PairwisePreference.rater_id)))
+    cand, act = aliased(ModelVersion), aliased(ModelVersion)
+    P, C = PairwisePreference, PairwiseCase
+    rows = s.execute(
+        select(P.id, C.id, C.batch, C.turn_id, C.image_hashes, C.question, C.context, C.template,
+               cand.name, act.name, C.candidate_answer, C.active_answer, P.rater_id, User.role,
+               P.shown_first, P.choice, P.winner, P.correction, P.comment, P.created_at)
+        .join(C, C.id == P.case_id)
+        .join(User, User.id == P.rater_id)
+        .join(cand, cand.id == C.candidate_version_id)
+        .join(act, act.id == C.active_version_id)
+        .where(C.erased_at.is_(None))
+        .order_by(P.id)
+    ).all()
+    df = pd.DataFrame(rows, columns=["preference_id", "case_id", "batch", "turn_id", "image_hashes", "question",
+                                     "context", "template", "candidate_version", "active_version",
+                                     "candidate_answer", "active_answer", "rater_id", "rater_role",
+                                     "shown_first", "choice", "winner", "correction", "comment", "created_at"])
+    for col in ("rater_role", "shown_first", "choice", "winner"):
+        df[col] = [getattr(v, "value", v) for v in df[col]]
+    df["effective"] = df["preference_id"].isin(latest)
+    return df
+
+
 def gold_frames(s: Session, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(gold pairs, preference pairs) as DataFrames; keywords go to `store.gold_pairs`."""
     g = gold_pairs(s, **kw)
@@ -90,7 +121,7 @@ def gold_frames(s: Session, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
 def frames(s: Session) -> dict[str, pd.DataFrame]:
     gold, pref = gold_frames(s)
     return {"turns": turns_frame(s), "ratings": ratings_frame(s), "gold_pairs": gold,
-            "preference_pairs": pref}
+            "preference_pairs": pref, "pairwise": pairwise_frame(s)}
 
 
 def _iso(v) -> str | None:
@@ -158,7 +189,7 @@ def _hf(tables: dict[str, pd.DataFrame], out: Path, images_dir: Path | None) -> 
 
 def export(store_or_session: Store | Session, fmt: str, out: Path,
            images_dir: Path | None = None) -> dict[str, int]:
-    """Write the four tables under `out` (a folder) in `fmt`; return rows per table."""
+    """Write the five tables under `out` (a folder) in `fmt`; return rows per table."""
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from annotation_db import InvalidInput, Store, store
+from annotation_db import pairwise as pw
+from annotation_db.erase import erase_conversation
 from annotation_db.export import export, frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,16 @@ def home(tmp_path):
                          flags=["wrong_diagnosis"])
         store.add_rating(s, t2.id, e1.id, 5)
         store.add_rating(s, t2.id, e2.id, 4)
+        # A blind comparison of a candidate v2 with v1: e1 changes their mind on the first case.
+        store.register_version(s, base_model="b", adapter_path="models/v2", parent_id=v.id)
+        q = pw.add_pairwise_cases(s, [
+            pw.CaseIn("What is it?", "A melanoma.", "A <b>nevus</b>.", hashes[:1], {"age": 30}, "qa", turn_id=t1.id),
+            pw.CaseIn("Held-out: and this?", "Psoriasis.", "Eczema.")],
+            candidate="v2", active=v.id, batch="refine-r1")
+        pw.record_preference(s, q.case_ids[0], e1.id, "a")
+        pw.record_preference(s, q.case_ids[0], e1.id, "tie", comment="both miss the asymmetry")
+        pw.record_preference(s, q.case_ids[1], e2.id, "b", correction="Chronic plaque psoriasis.")
+        store.get_or_create_user(s, "admin", "admin")
     st.dispose()
     return home
 
@@ -64,13 +76,30 @@ def test_frames(home):
     with st.session() as s:
         f = frames(s)
     st.dispose()
-    assert list(f) == ["turns", "ratings", "gold_pairs", "preference_pairs"]
+    assert list(f) == ["turns", "ratings", "gold_pairs", "preference_pairs", "pairwise"]
     assert len(f["turns"]) == 2 and len(f["ratings"]) == 3
     assert set(f["gold_pairs"]["source"]) == {"expert", "accepted"}
     assert f["preference_pairs"].iloc[0]["chosen"] == "A melanoma; refer."
     assert f["ratings"]["effective"].all()
     for df in f.values():
         assert not {"width", "height", "format", "nbytes", "filename"} & set(df.columns)
+    pair = f["pairwise"]
+    assert pair["effective"].tolist() == [False, True, True]
+    assert pair["winner"].tolist()[1] == "tie" and pair["comment"].tolist()[1] == "both miss the asymmetry"
+    assert set(pair["candidate_version"]) == {"v2"} and set(pair["active_version"]) == {"v1"}
+    # "b" as clicked is mapped back to whichever version that rater saw second.
+    last = pair.iloc[2]
+    assert last["choice"] == "b" and last["winner"] == ("active" if last["shown_first"] == "candidate" else "candidate")
+
+
+def test_erased_conversation_leaves_the_pairwise_export(home):
+    st = Store.open(f"sqlite:///{home / 'annotations.db'}")
+    erase_conversation(st, 1, by="admin", reason="consent withdrawn", images_dir=home / "images")
+    with st.session() as s:
+        f = frames(s)
+    st.dispose()
+    assert f["turns"].empty and f["ratings"].empty
+    assert f["pairwise"]["question"].tolist() == ["Held-out: and this?"]  # no image of the erased conversation
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
@@ -78,7 +107,7 @@ def test_file_formats(home, tmp_path, fmt):
     st = Store.open(f"sqlite:///{home / 'annotations.db'}")
     counts = export(st, fmt, tmp_path / "out")
     st.dispose()
-    assert counts == {"turns": 2, "ratings": 3, "gold_pairs": 2, "preference_pairs": 1}
+    assert counts == {"turns": 2, "ratings": 3, "gold_pairs": 2, "preference_pairs": 1, "pairwise": 3}
     read = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[fmt]
     turns = read(tmp_path / "out" / f"turns.{fmt}")
     assert turns.loc[0, "answer"] == "A <b>nevus</b>."
