@@ -51,6 +51,13 @@ TABLE = [
     ("Most likely psoriasis or eczema.", "psoriasis", False, True),
     ("Psoriasis vs eczema.", "eczema", False, True),
     ("Biopsy to exclude melanoma.", "melanoma", False, True),
+    # a cue opening a that-clause governs the assertion inside it
+    ("It can't be ruled out that this is melanoma.", "melanoma", False, True),
+    ("We cannot rule out that this is a melanoma; most likely a seborrhoeic keratosis.", "seborrhoeic keratosis", True, True),
+    ("It is not excluded that this is melanoma.", "melanoma", False, True),
+    ("I doubt that this is melanoma.", "melanoma", False, False),
+    ("It is possible that this is impetigo.", "impetigo", True, True),
+    ("It is clear that this is psoriasis.", "psoriasis", True, True),
     ("Psoriasis. Seborrhoeic dermatitis is less likely.", "seborrhoeic dermatitis", False, True),
     ("Most likely prurigo nodularis. Psoriasis is less likely.", "psoriasis", False, True),  # primary outside the vocabulary
     # hedges

@@ -47,6 +47,7 @@ STATUSES = ("negated", "asserted", "hedged", "alternative")  # a mention's statu
 _ABBREV_DOTS = ("vs", "e.g", "i.e", "eg", "ie", "etc", "approx", "cf", "dr", "incl")  # a dot after these ends no sentence
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " ", "\u2010": "-", "\u2011": "-"})
 _LINK = re.compile(r"^(?:[\s,/&-]|\b(?:and/or|and|or|vs\.?|versus|as well as|plus|either|a|an|the|even)\b)*$")
+_THAT = re.compile(r"^\s*,?\s*(?:that|whether)\s*$", re.IGNORECASE)
 _STRONG = re.compile(r"/|&|\b(?:and|or|vs|versus|as well as|plus)\b")
 _L, _R = r"(?<![\w-])", r"(?![\w-])"
 
@@ -354,6 +355,13 @@ def _scan(events: list[_Event], text: str, i: int, step: int) -> _Event | None:
             between = text[ev.end:events[i].start] if step < 0 else text[events[i].end:ev.start]
             if len(between.split()) > ev.cue.window:
                 return None
+        if step < 0 and ev.cue.category == "asserted" and j > 0:
+            outer = events[j - 1]
+            # "cannot be ruled out that this is X", "I doubt that it is X": a cue that opens the
+            # that-clause governs the assertion inside it, whichever way the cue points elsewhere
+            if (outer.cue is not None and outer.cue.category in ("negated", "alternative", "hedged")
+                    and _THAT.match(text[outer.end:ev.start])):
+                return outer
         return ev
     return None
 
