@@ -170,6 +170,12 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
 
     gr.on([ask_btn.click, question.submit], ask, inputs=set(form.values()),
           outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
+
+    def regenerate(values: dict, data: gr.RetryData, request: gr.Request):  # the chat's Retry on the latest answer
+        yield from consult.regenerate({name: values[c] for name, c in form.items()}, data, request)
+
+    chatbot.retry(regenerate, inputs=set(form.values()), outputs=[chatbot, case, question, c_correction, rate_status],
+                  **generate, **PRIVATE)
     stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
     files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)
     files.change(consult.preview, [files], [thumbs, hints], queue=False, **PRIVATE)
