@@ -106,3 +106,20 @@ def test_regenerate_refuses_an_older_answer_or_none(ctx, tmp_path, store):
         assert len(st.conversation_history(s, case.conversation_id, regenerated=True)) == 2  # nothing recorded
     messages, new_case, *_ = regenerate(consult, case, index=3)[-1]
     assert len(messages) == 5 and [t.question for t in new_case.turns] == ["What is this lesion?", "Is it dangerous?"]
+
+
+def test_review_numbers_the_questions_of_a_regenerated_conversation_by_their_place(ctx, tmp_path):
+    from demo.review import Review, ReviewState
+
+    consult, case = Consult(ctx), Case()
+    ask(consult, case, [save_png(tmp_path / "a.png")], "What is this lesion?", who="cara")
+    case = regenerate(consult, case, index=1, who="cara")[-1][1]
+    ask(consult, case, None, "Is it urgent?", who="cara")
+    review, state = Review(ctx), ReviewState()
+    out = review.open(state, False, req("eve"))
+    for _ in range(2):  # the first answer and its regeneration: both are real answers, both reviewable
+        assert out[4].startswith("**Question (") and "What is this lesion?" in out[4] and out[12] == ""
+        out = review.skip(out[0], False, req("eve"))
+    assert out[4].startswith("**Follow-up question (") and "Is it urgent?" in out[4]
+    assert "**Q1:** What is this lesion?" in out[12] and "Q2" not in out[12]
+    assert [caption for _, caption in out[2]] == ["given with Q1 (Q1.1)"]
