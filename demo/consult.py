@@ -1,6 +1,6 @@
 """Consult: a clinician's images, context and question become a streamed, recorded answer.
 
-Plain handlers (`Consult(ctx).ask`, `.stop`, `.new_case`, `.like`, `.rate`) and the two
+Plain handlers (`Consult(ctx).ask`, `.regenerate`, `.stop`, `.new_case`, `.like`, `.rate`) and the two
 named API endpoints (`.api_ask` = /ask, `.api_rate` = /rate). Each validates all of
 its input before anything is stored; every turn is recorded with its images
 (content hashes), context, answer, model version, settings and latency.
