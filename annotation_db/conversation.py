@@ -35,6 +35,8 @@ def read_conversation(s: Session, conversation_id: int, *, reader: str, any_owne
     if conv.erased_at is not None:
         raise NotFound(f"conversation {conversation_id} was erased and can no longer be read")
     turns = conversation_history(s, conversation_id)
+    live = {t.turn_id for t in turns}
+    regenerated = [t.turn_id for t in conversation_history(s, conversation_id, regenerated=True) if t.turn_id not in live]
     ids = {t.model_version_id for t in turns if t.model_version_id is not None}
     rows = s.execute(select(ModelVersion.id, ModelVersion.name).where(ModelVersion.id.in_(ids))).all() if ids else []
     names = {vid: name for vid, name in rows}
@@ -46,4 +48,5 @@ def read_conversation(s: Session, conversation_id: int, *, reader: str, any_owne
         "turns": [{"turn_id": t.turn_id, "seq": t.seq, "question": t.question, "answer": t.answer,
                    "model_version": names.get(t.model_version_id), "status": t.status,
                    "created": t.created.isoformat(), "image_hashes": t.image_hashes} for t in turns],
+        "regenerated": regenerated,  # answers asked again (Regenerate): kept in the record, left out of "turns"
     }

@@ -35,7 +35,7 @@ def turns_frame(s: Session) -> pd.DataFrame:
         select(Conversation.id, Conversation.user_id, User.role, Conversation.context, Turn.id,
                Turn.seq, Turn.question, Turn.answer, Turn.template, Turn.settings, ModelVersion.name,
                Turn.status, Turn.latency_s, Turn.ttft_s, Turn.prompt_tokens, Turn.completion_tokens,
-               Turn.error, Turn.created_at)
+               Turn.error, Turn.created_at, Turn.regenerates_id)
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .join(User, User.id == Conversation.user_id)
         .outerjoin(ModelVersion, ModelVersion.id == Turn.model_version_id)
@@ -44,7 +44,7 @@ def turns_frame(s: Session) -> pd.DataFrame:
     ).all()
     cols = ["conversation_id", "user_id", "user_role", "context", "turn_id", "seq", "question",
             "answer", "template", "settings", "model_version", "status", "latency_s", "ttft_s",
-            "prompt_tokens", "completion_tokens", "error", "created_at"]
+            "prompt_tokens", "completion_tokens", "error", "created_at", "regenerates"]
     df = pd.DataFrame(rows, columns=cols)
     images = _turn_images(s, df["conversation_id"].unique().tolist())
     df["image_hashes"] = [[h for q, h in images.get(c, []) if q == seq]

@@ -181,6 +181,7 @@ class Turn(TimestampMixin, Base):
     __tablename__ = "turns"
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq"),
+        UniqueConstraint("regenerates_id"),  # one regeneration per answer: a chain, never two live answers
         Index("ix_turns_queue", "expert_raters", "id"),
     )
 
@@ -204,6 +205,9 @@ class Turn(TimestampMixin, Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Distinct experts with a full rating: kept by add_rating so the review queue is an index scan.
     expert_raters: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # The answer this one regenerates (same question and images, asked again): that row stays as it was
+    # (its ratings too) and is left out of the conversation's history from now on.
+    regenerates_id: Mapped[int | None] = mapped_column(ForeignKey("turns.id", ondelete="RESTRICT"))
 
     conversation: Mapped[Conversation] = relationship(back_populates="turns")
     model_version: Mapped[ModelVersion | None] = relationship()

@@ -165,8 +165,12 @@ def record_turn(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     error: str | None = None,
+    regenerates: int | None = None,
 ) -> Turn:
-    """Record one question and answer; the images given in this turn are linked to it."""
+    """Record one question and answer; the images given in this turn are linked to it.
+
+    `regenerates`: the id of the conversation's latest answer, asked again (same question, given the same
+    images). That row is kept unchanged, with its ratings; the conversation's history leaves it out."""
     conv = s.get(Conversation, conversation_id)
     if conv is None:
         raise NotFound(f"no conversation with id {conversation_id}")
@@ -197,11 +201,13 @@ def record_turn(
             raise NotFound(f"image {h[:12]}… was never recorded (or was erased); call record_image first")
         images.append(image)
     seq = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
+    if regenerates is not None:
+        _check_regenerates(s, conversation_id, check_int(regenerates, "regenerated turn id", lo=1), seq)
     turn = Turn(
         conversation_id=conversation_id, seq=seq, question=question, answer=answer,
         template=template, settings=check_json(settings, "generation settings"),
         model_version_id=model_version_id, status=status_, latency_s=latency_s, ttft_s=ttft_s,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error, regenerates_id=regenerates,
     )
     s.add(turn)
     s.flush()
@@ -210,6 +216,21 @@ def record_turn(
                                 position=pos))
     s.flush()
     return turn
+
+
+def _check_regenerates(s: Session, conversation_id: int, turn_id: int, seq: int) -> None:
+    """Only the latest answer of the same conversation is regenerated (a later follow-up built on it)."""
+    old = s.get(Turn, turn_id)
+    if old is None or old.conversation_id != conversation_id:
+        raise NotFound(f"no answer #{turn_id} in conversation {conversation_id}")
+    if old.seq != seq - 1:
+        raise Conflict(f"only the latest answer of a conversation can be regenerated; #{turn_id} has later turns")
+
+
+def _superseded():
+    """A condition on Turn: another turn regenerates it."""
+    later = aliased(Turn)
+    return select(later.id).where(later.regenerates_id == Turn.id).exists()
 
 
 @dataclass(frozen=True)
@@ -222,6 +243,7 @@ class HistoryTurn:
     status: str
     model_version_id: int | None
     created: datetime
+    regenerates_id: int | None = None  # the answer this one regenerates (left out of the history)
 
 
 def _turn_images(s: Session, conversation_ids: Iterable[int]) -> dict[int, list[tuple[int, str]]]:
@@ -249,20 +271,24 @@ def images_up_to(per_conv: list[tuple[int, str]], seq: int) -> list[str]:
     return list(seen)
 
 
-def conversation_history(s: Session, conversation_id: int) -> list[HistoryTurn]:
-    """The turns of a conversation, oldest first, each with the images given in it."""
+def conversation_history(s: Session, conversation_id: int, *, regenerated: bool = False) -> list[HistoryTurn]:
+    """The turns of a conversation, oldest first, each with the images given in it; the answers that were
+    regenerated are left out (what the model and a reviewer should see) unless `regenerated`."""
     conv = s.get(Conversation, conversation_id)
     if conv is None:
         raise NotFound(f"no conversation with id {conversation_id}")
     if conv.erased_at is not None:
         raise NotFound(f"conversation {conversation_id} was erased")
     images = _turn_images(s, [conversation_id])[conversation_id]
-    turns = s.scalars(select(Turn).where(Turn.conversation_id == conversation_id).order_by(Turn.seq))
+    q = select(Turn).where(Turn.conversation_id == conversation_id)
+    if not regenerated:
+        q = q.where(~_superseded())
+    turns = s.scalars(q.order_by(Turn.seq))
     return [
         HistoryTurn(
             turn_id=t.id, seq=t.seq, question=t.question, answer=t.answer,
             image_hashes=[sha for seq, sha in images if seq == t.seq], status=t.status.value,
-            model_version_id=t.model_version_id, created=as_utc(t.created_at),
+            model_version_id=t.model_version_id, created=as_utc(t.created_at), regenerates_id=t.regenerates_id,
         )
         for t in turns
     ]

@@ -44,6 +44,9 @@ class LaunchOptions:
     share: bool = opt(False, "also open a public gradio.live link")
     allow_anonymous: bool = opt(False, "serve without logins even when reachable from other machines (DERMALOOP_ALLOW_ANONYMOUS=1)")
     review_need: int | None = opt(None, "expert reviews wanted per answer (DERMALOOP_REVIEW_NEED, else 2)")
+    backup_repo: str | None = opt(None, "every --backup-every-min, push a snapshot of the store and images to this private Hugging Face "
+                                  "dataset repository (DERMALOOP_BACKUP_REPO; token: HF_TOKEN); off by default", metavar="OWNER/NAME")
+    backup_every_min: float | None = opt(None, "minutes between backup pushes (DERMALOOP_BACKUP_EVERY_MIN, else 60)")
     offline_fallback: bool = opt(True, "on a store with no model versions, use the offline demo model when the model cannot be loaded")
     versions: bool = opt(False, "print the versions of torch, transformers, peft... and known-bad combinations, then exit")
 
@@ -95,6 +98,21 @@ def check_anonymous(args: argparse.Namespace, mode: str, on_space: bool, environ
     raise SystemExit(2)
 
 
+def backup_pusher(args: argparse.Namespace, settings, environ: dict | None = None):
+    """(HubBackup, minutes) when a backup repository is named by flag or DERMALOOP_BACKUP_REPO, else (None, 0).
+    Checked at start: a missing token or a bad name stops the app with one line, not an hour later."""
+    env = os.environ if environ is None else environ
+    repo = args.backup_repo or env.get("DERMALOOP_BACKUP_REPO")
+    if not repo:
+        return None, 0.0
+    every = args.backup_every_min or float(env.get("DERMALOOP_BACKUP_EVERY_MIN") or 60)
+    if not every > 0:
+        raise ValueError(f"backup interval must be a positive number of minutes, not {every:g}")
+    from annotation_db.hub_backup import HubBackup
+
+    return HubBackup(settings.db_url, settings.images_dir, repo), every
+
+
 def create(argv: list[str] | None = None):
     """(demo, launch kwargs) from command-line arguments: what `main` and the Spaces app.py serve."""
     space = prepare()  # before torch is imported
@@ -120,6 +138,7 @@ def create(argv: list[str] | None = None):
         need = args.review_need or int(os.environ.get("DERMALOOP_REVIEW_NEED") or 2)
         if need < 1:
             raise ValueError(f"review need must be at least 1, not {need}")
+        hub_backup, every_min = backup_pusher(args, settings)
         from demo.runtime import DemoOptions, start
 
         options = DemoOptions(review_need=need, offline_fallback=args.offline_fallback)
@@ -135,6 +154,9 @@ def create(argv: list[str] | None = None):
     from demo.security import start_upload_sweeper
 
     start_upload_sweeper(demo.upload_file_set)
+    if hub_backup is not None:
+        hub_backup.start(every_min)
+        print(f"Backups: a snapshot is pushed to the private dataset {hub_backup.repo_id} every {every_min:g} min", flush=True)
     kwargs = launch_kwargs(demo, server_name=args.host, server_port=args.port, share=args.share or None)
     return demo, kwargs
 

@@ -24,7 +24,7 @@ from demo.common import FLAG_CHOICES, FLAG_VALUES, NOTICE, SCORE_CHOICES, Ctx
 from demo.consult import CONTEXT_FIELDS, Case, Consult
 from demo.conversation import Conversations
 from demo.insights import EXPORT_FORMATS, Insights
-from demo.keys import KEYS_JS
+from demo.page_js import PAGE_JS, ZOOM_CSS
 from demo.pairwise import MODES, build_compare
 from demo.review import KEYS_LEGEND, Review, ReviewState
 from demo.runtime import DemoOptions, Runtime, attach
@@ -33,7 +33,7 @@ CSS = """
 .dl-notice {border-left: 4px solid #2a7ab0; padding: 6px 12px !important; background: rgba(42,122,176,.08);}
 .dl-banner {border-left: 4px solid #d08700; padding: 6px 12px !important; background: rgba(255,196,0,.15);}
 .dl-saved {font-weight: 600;}
-"""
+""" + ZOOM_CSS
 EXAMPLE_CASES = [
     ("round-brown-macule.png", "What is this lesion and does it need a biopsy?", 34, "female", "left forearm", "years", "", "III", "clinical"),
     ("irregular-pigmented-lesion.png", "Describe the morphology and give a differential diagnosis.", 67, "male", "upper back",
@@ -125,7 +125,7 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
         case = gr.State(Case())
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, or the camera on a phone)",
+                files = gr.File(label=f"Lesion images (up to {settings.max_images}; drag and drop, paste, or the camera on a phone)",
                                 file_count="multiple", file_types=["image"], type="filepath", elem_id="dl-images")
                 thumbs = gr.Gallery(label="Your images", height=140, columns=4, interactive=False, visible=True,
                                     elem_id="dl-thumbs", buttons=["fullscreen"], show_label=False)
@@ -170,6 +170,12 @@ def _consult_tab(consult: Consult, generate: dict[str, Any]) -> tuple[gr.Accordi
 
     gr.on([ask_btn.click, question.submit], ask, inputs=set(form.values()),
           outputs=[chatbot, case, question, c_correction, rate_status], api_name="consult_ask", **generate, **PRIVATE)
+
+    def regenerate(values: dict, data: gr.RetryData, request: gr.Request):  # the chat's Retry on the latest answer
+        yield from consult.regenerate({name: values[c] for name, c in form.items()}, data, request)
+
+    chatbot.retry(regenerate, inputs=set(form.values()), outputs=[chatbot, case, question, c_correction, rate_status],
+                  **generate, **PRIVATE)
     stop_btn.click(consult.stop, None, None, queue=False, **PRIVATE)
     files.upload(consult.clean_uploads, [files], [files], queue=False, **PRIVATE)
     files.change(consult.preview, [files], [thumbs, hints], queue=False, **PRIVATE)
@@ -348,7 +354,7 @@ def launch_kwargs(demo: gr.Blocks, **overrides: Any) -> dict[str, Any]:
         "max_file_size": ctx.settings.max_upload_bytes,
         "allowed_paths": [str(EXAMPLES_DIR)],
         "css": CSS,
-        "js": KEYS_JS,  # the Review tab's keyboard path
+        "js": PAGE_JS,  # the Review tab's keyboard path; paste-to-upload and zoom in Consult
         "theme": gr.themes.Soft(primary_hue="teal"),
         "footer_links": ["api", "settings"],
         "run_history": False,  # never keep clinical questions in the browser

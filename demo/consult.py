@@ -1,12 +1,13 @@
 """Consult: a clinician's images, context and question become a streamed, recorded answer.
 
-Plain handlers (`Consult(ctx).ask`, `.stop`, `.new_case`, `.like`, `.rate`) and the two
+Plain handlers (`Consult(ctx).ask`, `.regenerate`, `.stop`, `.new_case`, `.like`, `.rate`) and the two
 named API endpoints (`.api_ask` = /ask, `.api_rate` = /rate). Each validates all of
 its input before anything is stored; every turn is recorded with its images
 (content hashes), context, answer, model version, settings and latency.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from PIL import Image as PILImage
 from annotation_db import store as st
 from annotation_db.errors import NotFound
 from core.errors import DermaLoopError, InputError
-from core.images import StoredImage, intake_many, load_stored
+from core.images import StoredImage, image_path, intake_many, load_stored
 from core.prompts import TEMPLATES, ChatTurn, ClinicalContext, check_question
 from core.quality import quality_hints
 from demo import EXAMPLES_DIR
@@ -56,6 +57,16 @@ class Case:
     owner: str | None = None  # the signed-in user this page belongs to (demo.common.bind)
     cache_key: str | None = None  # the engine's key for this case's cached keys/values (set at the first question:
     # gr.State copies its initial Case into every session, so a default made here would be shared)
+
+
+@dataclass(frozen=True)
+class Redo:
+    """The latest answer, asked again (Regenerate): its question, template and images, and its turn id."""
+
+    turn_id: int
+    question: str
+    template: str
+    image_hashes: list[str]
 
 
 @dataclass(frozen=True)
@@ -197,7 +208,7 @@ class Consult:
         ]
 
     def _record(self, who: Identity, conversation_id: int | None, context: ClinicalContext, question: str,
-                images: list[StoredImage], answer, error: str | None = None) -> Recorded:
+                images: list[StoredImage], answer, error: str | None = None, redo: Redo | None = None) -> Recorded:
         version_id = self.ctx.runtime.version_id(answer.version)
         with self.ctx.store.session() as s:
             user = ensure_user(s, who)
@@ -210,6 +221,7 @@ class Consult:
                 template=answer.template, settings=answer.generation, model_version_id=version_id,
                 status="error" if error else answer.status, latency_s=answer.latency_s, ttft_s=answer.ttft_s,
                 prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens, error=error,
+                regenerates=redo.turn_id if redo else None,
             )
             turn_id = turn.id
         log.info("turn %s (conversation %s) by %s: %s, %s, %.1f s", turn_id, conversation_id, who.name,
@@ -228,8 +240,10 @@ class Consult:
     def ask(self, form: dict[str, Any], request: gr.Request) -> Iterator[tuple]:
         """Stream an answer into the chat; yields (messages, case, question box, correction box, rating status).
 
-        `form` holds the tab's inputs by name: case, files, question, template and CONTEXT_FIELDS."""
+        `form` holds the tab's inputs by name: case, files, question, template and CONTEXT_FIELDS; and "redo"
+        (a Redo) when `regenerate` asks the latest answer again."""
         case, files, question, template = form["case"], form.get("files"), form.get("question"), form.get("template")
+        redo: Redo | None = form.get("redo")
         with user_errors():
             who = self.ctx.auth.identify(request)
             admit(self.ctx, who, request, case)
@@ -241,17 +255,20 @@ class Consult:
                 context = context_from_form(form)
             else:
                 context = ClinicalContext.from_dict(case.context)
-            given = file_paths(files)
+            given = file_paths(files) if redo is None else [image_path(self.ctx.settings.images_dir, h) for h in redo.image_hashes]
             stored = self._intake(given)
-            shown_at = {img.sha256: str(path) for img, path in zip(stored, given)}  # the served copy of each
+            shown_at = {img.sha256: str(path) for img, path in zip(stored, given)} if redo is None else {}  # the served copy of each
             images = self._new_images(stored, case.image_hashes)
             if len(images) > self.ctx.settings.max_images:
                 raise InputError(f"{len(images)} images given; at most {self.ctx.settings.max_images} per question")
             history = self._history(case.turns, context)
             self.ctx.runtime.sync()
             case.cache_key = case.cache_key or f"case-{uuid.uuid4().hex}"
+            generation = self.ctx.settings.generation()
+            if redo is not None:  # greedy decoding would give the same answer again
+                generation = dataclasses.replace(generation, do_sample=True)
             gen = self.ctx.runtime.stream([i.image for i in images], question, context=None if case.turns else context,
-                                          history=history, template=template, generation=self.ctx.settings.generation(),
+                                          history=history, template=template, generation=generation,
                                           conversation=case.cache_key)
         key = self._key(who, request)
         self._running[key] = gen
@@ -288,12 +305,12 @@ class Consult:
             answer = Answer(text.strip(), self.ctx.runtime.version, "error", 0, 0, None, 0.0, template=template)
         if closed:  # nobody to show it to: record the partial answer (stopped), never yield again
             try:
-                self._record(who, case.conversation_id, context, question, images, answer, error)
+                self._record(who, case.conversation_id, context, question, images, answer, error, redo)
             except Exception:
                 log.exception("could not record the answer of a closed session")
             return
         with user_errors():
-            rec = self._record(who, case.conversation_id, context, question, images, answer, error)
+            rec = self._record(who, case.conversation_id, context, question, images, answer, error, redo)
         case.conversation_id = rec.conversation_id
         case.context = context.to_dict()
         case.turns.append(PastTurn(question, answer.text, [i.sha256 for i in images], template))
@@ -306,7 +323,8 @@ class Consult:
         case.last_turn_id, case.last_answer = rec.turn_id, answer.text
         if error:
             raise gr.Error(f"The model failed while answering; the partial answer was kept. ({error})")
-        status = f"Answer #{rec.turn_id} from model **{rec.version}**" + (" (stopped)" if rec.status == "stopped" else "") + ": rate it below."
+        status = (f"Answer #{rec.turn_id} from model **{rec.version}**" + (" (stopped)" if rec.status == "stopped" else "")
+                  + (f", regenerated (answer #{redo.turn_id} is kept in the record)" if redo else "") + ": rate it below.")
         yield messages, case, gr.update(value=""), gr.update(value=answer.text), gr.update(value=status)
 
     @staticmethod
@@ -322,6 +340,28 @@ class Consult:
         gen = self._running.get(self._key(who, request))
         if gen is not None:
             gen.stop()
+
+    def regenerate(self, form: dict[str, Any], data: gr.RetryData, request: gr.Request) -> Iterator[tuple]:
+        """The chat's Regenerate (retry) on the latest answer: the same question and images asked again,
+        sampled, recorded as a new turn that names the old one (which stays in the store as it was, with
+        its ratings). Yields what `ask` yields; the old answer leaves the chat and the case's history."""
+        case: Case = form["case"]
+        with user_errors():
+            if not case.turns or not case.turn_ids:
+                raise InputError("there is no finished answer to regenerate yet")
+            answer_at = max(case.turn_ids)
+            index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+            if int(index) != answer_at - 1:  # Gradio sends the index of the question the answer followed
+                raise InputError("only the latest answer can be regenerated")
+            last = case.turns[-1]
+            redo = Redo(case.turn_ids[answer_at], last.question, last.template, last.image_hashes)
+        given = set(last.image_hashes)
+        rewound = dataclasses.replace(  # a new Case: if the new answer fails early, the page keeps the old one
+            case, turns=case.turns[:-1], image_hashes=[h for h in case.image_hashes if h not in given],
+            messages=case.messages[:answer_at - 1], turn_ids={i: t for i, t in case.turn_ids.items() if i < answer_at - 1},
+        )
+        yield from self.ask({**form, "case": rewound, "files": None, "question": last.question, "template": last.template,
+                             "redo": redo}, request)
 
     def new_case(self) -> tuple:
         """Clear the conversation (outputs: messages, case, files, question, correction, rating status)."""

@@ -56,14 +56,16 @@ def describe_history(history: list, seq: int) -> str:
     lines = [f"**A follow-up: the conversation that led to it ({len(earlier)} earlier turn{'s' if len(earlier) != 1 else ''})**"]
     for t in earlier:
         n = len(t.image_hashes)
-        names = ", ".join(f"{seq_label(t.seq)}.{i + 1}" for i in range(n))
+        q = seq_label(t.seq, history)
+        names = ", ".join(f"{q}.{i + 1}" for i in range(n))
         imgs = f" _(image{'s' if n != 1 else ''} {names})_" if n else ""
-        lines.append(f"> **Q{t.seq + 1}:** {plain(t.question)}{imgs}\n>\n> **A{t.seq + 1}:** {model_markdown(t.answer) or '_(empty)_'}")
+        lines.append(f"> **{q}:** {plain(t.question)}{imgs}\n>\n> **A{q[1:]}:** {model_markdown(t.answer) or '_(empty)_'}")
     return "\n\n".join(lines)
 
 
-def seq_label(seq: int) -> str:
-    return f"Q{seq + 1}"
+def seq_label(seq: int, history: list) -> str:
+    """Q1, Q2... by place among the conversation's live turns (a regenerated answer's turn is not counted)."""
+    return f"Q{sum(1 for t in history if t.seq < seq) + 1}"
 
 
 class Review:
@@ -124,7 +126,7 @@ class Review:
                 f"{'is' if missing == 1 else 'are'} missing from the data directory**; rate what you can, or skip."
                 if missing else "")
         version = "_Model version hidden (blind review)._" if blind else f"Model version: **{item.model_version or 'unknown'}**"
-        label = "Follow-up question" if item.seq > 0 else "Question"
+        label = "Follow-up question" if any(t.seq < item.seq for t in history) else "Question"  # not a regenerated first answer
         return (
             state, counter, images, describe_context(item.context),
             f"**{label} (answer #{item.turn_id}, conversation #{item.conversation_id}):** {plain(item.question)}{note}",
@@ -134,11 +136,11 @@ class Review:
 
     def _images(self, item: Any, history: list) -> tuple[list, int]:
         """The conversation's images up to this turn, each captioned with the question it was given with."""
-        given = {h: seq_label(t.seq) for t in reversed(history) for h in t.image_hashes}
+        given = {h: seq_label(t.seq, history) for t in reversed(history) for h in t.image_hashes}
         images, missing = [], 0
         counters: dict[str, int] = {}
         for h in item.image_hashes:  # a lost image file must not block the queue: show the rest, say so
-            q = given.get(h, seq_label(item.seq))
+            q = given.get(h, seq_label(item.seq, history))
             counters[q] = counters.get(q, 0) + 1
             try:
                 images.append((load_stored(self.ctx.settings.images_dir, h), f"given with {q} ({q}.{counters[q]})"))

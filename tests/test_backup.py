@@ -148,3 +148,153 @@ def test_restore_over_a_store_keeps_its_erasures(live, dermaloop_home, tmp_path,
             store.conversation_history(s, 1)
         assert [e.reason for e in store.list_erasures(s)] == ["consent withdrawn (re-applied after a restore)"]
     assert not live["path"].exists()  # the image the snapshot held is deleted again
+
+
+# ------------------------------------------------------------- the periodic push to a private dataset repository (a Space)
+
+TOKEN = "hf_" + "x" * 34  # what a Space's HF_TOKEN secret looks like; must never be pushed
+
+
+class Hub:
+    """HfApi's repository methods patched, up to the network: each call is checked against the real
+    method's signature and recorded; what upload_folder would push is copied aside."""
+
+    def __init__(self, monkeypatch, tmp_path, private=True):
+        import inspect
+
+        from huggingface_hub import HfApi
+
+        self.calls, self.pushed, self.remote, self.private = [], [], [], private
+
+        def fake(name, result):
+            real = getattr(HfApi, name)
+
+            def method(api, *args, **kwargs):
+                inspect.signature(real).bind(api, *args, **kwargs)  # a call the real method would accept
+                self.calls.append((name, args, kwargs))
+                return result(*args, **kwargs)
+            monkeypatch.setattr(HfApi, name, method)
+
+        def upload(**kw):
+            import shutil
+
+            dst = tmp_path / f"pushed-{len(self.pushed)}"
+            shutil.copytree(kw["folder_path"], dst)
+            self.pushed.append(dst)
+            self.remote = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
+
+        fake("create_repo", lambda *a, **k: None)
+        fake("repo_info", lambda *a, **k: type("Info", (), {"private": self.private})())
+        fake("list_repo_files", lambda *a, **k: list(self.remote))
+        fake("upload_folder", upload)
+        fake("super_squash_history", lambda *a, **k: None)
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def test_push_sends_a_consistent_snapshot_to_a_private_dataset_and_no_secret(live, dermaloop_home, tmp_path, monkeypatch):
+    from annotation_db.hub_backup import HubBackup
+
+    hub = Hub(monkeypatch, tmp_path)
+    st, stop, written = live["store"], threading.Event(), []
+
+    def writer():  # the app keeps rating while the snapshot is taken
+        i = 0
+        while not stop.is_set():
+            with st.session() as s:
+                store.add_rating(s, live["turn"], live["expert"], 1 + i % 5, comment=f"pass {i}")
+            written.append(i)
+            i += 1
+
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    try:
+        while len(written) < 3:
+            stop.wait(0.01)
+        done = HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "lab/dermaloop-backup", token=TOKEN).push()
+    finally:
+        stop.set()
+        th.join(30)
+    assert hub.names() == ["create_repo", "repo_info", "list_repo_files", "upload_folder"]
+    create = hub.calls[0]
+    assert create[1] == ("lab/dermaloop-backup",) and create[2]["private"] is True and create[2]["repo_type"] == "dataset"
+    upload = hub.calls[3][2]
+    assert upload["repo_type"] == "dataset" and upload["delete_patterns"] == "*" and "snapshot at revision" in upload["commit_message"]
+    snap = hub.pushed[0]
+    assert hub.remote == ["annotations.db", f"images/{live['sha'][:2]}/{live['sha']}.png", "manifest.json"]
+    con = sqlite3.connect(str(snap / "annotations.db"))
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # a self-contained copy, not the live WAL file
+    ratings = con.execute("SELECT count(*) FROM ratings").fetchone()[0]
+    con.close()
+    assert json.loads((snap / "manifest.json").read_text())["counts"]["ratings"] == ratings == done.manifest.counts["ratings"]
+    assert 3 <= ratings <= len(written)
+    assert not [p for p in snap.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert done.removed == [] and not done.squashed
+
+
+def test_an_erased_image_leaves_the_backup_and_its_history(live, dermaloop_home, tmp_path, monkeypatch):
+    from annotation_db.erase import erase_conversation
+    from annotation_db.hub_backup import HubBackup
+
+    hub = Hub(monkeypatch, tmp_path)
+    pusher = HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "lab/dermaloop-backup", token=TOKEN)
+    pusher.push()
+    with live["store"].session() as s:
+        store.get_or_create_user(s, "ada", "admin")
+    erase_conversation(live["store"], 1, by="ada", reason="consent withdrawn", images_dir=dermaloop_home / "images")
+    done = pusher.push()
+    assert done.removed == [f"images/{live['sha'][:2]}/{live['sha']}.png"] and done.squashed
+    assert hub.names()[-2:] == ["upload_folder", "super_squash_history"] and hub.names().count("create_repo") == 1
+    assert hub.remote == ["annotations.db", "manifest.json"]
+
+
+def test_a_missing_token_or_a_public_repository_is_one_line(live, dermaloop_home, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from annotation_db.backup import BackupError
+    from annotation_db.hub_backup import HubBackup
+    from demo.__main__ import create
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        create(["--backup-repo", "lab/dermaloop-backup", "--home", str(dermaloop_home)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: backing up to lab/dermaloop-backup needs a Hugging Face token")
+    assert "HF_TOKEN" in err[-1]
+    Hub(monkeypatch, tmp_path, private=False)
+    with pytest.raises(BackupError, match="is public; make it private"):
+        HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "lab/open", token=TOKEN).push()
+    with pytest.raises(Exception, match="OWNER/NAME"):
+        HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "no-owner", token=TOKEN)
+
+
+def test_the_timer_pushes_again_and_outlives_a_failed_push(live, dermaloop_home, tmp_path, monkeypatch, caplog):
+    from huggingface_hub import HfApi
+
+    from annotation_db.hub_backup import HubBackup
+
+    hub = Hub(monkeypatch, tmp_path)
+    real_upload, failures = HfApi.upload_folder, []
+
+    def flaky(api, **kw):  # the Hub is down once
+        if not failures:
+            failures.append(1)
+            raise ConnectionError("hub unreachable")
+        return real_upload(api, **kw)
+    monkeypatch.setattr(HfApi, "upload_folder", flaky)
+    pusher = HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "lab/dermaloop-backup", token=TOKEN)
+    with caplog.at_level("INFO", logger="dermaloop.backup"):
+        pusher.start(every_min=0.002)  # 0.12 s
+        try:
+            for _ in range(500):
+                if len(hub.pushed) >= 2:
+                    break
+                threading.Event().wait(0.02)
+        finally:
+            pusher.stop()
+    assert len(hub.pushed) >= 2 and failures == [1]
+    assert "retrying in" in caplog.text and "hub unreachable" in caplog.text and "backup pushed to lab/dermaloop-backup" in caplog.text
+    assert TOKEN not in caplog.text

@@ -21,7 +21,7 @@ TABLES = {"users", "images", "conversations", "conversation_images", "turns", "r
 
 def test_head_matches_models_and_downgrades_to_base(url):
     upgrade(url)
-    assert current_revision(url) == "0004"
+    assert current_revision(url) == "0005"
     engine = make_engine(url)
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == TABLES
@@ -37,7 +37,7 @@ def test_head_matches_models_and_downgrades_to_base(url):
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == {"alembic_version"}
     upgrade(url)  # and back up again
-    assert current_revision(url) == "0004"
+    assert current_revision(url) == "0005"
     engine.dispose()
 
 
@@ -78,7 +78,7 @@ def test_upgrade_works_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     upgrade(url)
-    assert current_revision(url) == "0004"
+    assert current_revision(url) == "0005"
 
 
 def test_0003_downgrade_refuses_to_lose_tombstones(url):
@@ -95,7 +95,7 @@ def test_0003_downgrade_refuses_to_lose_tombstones(url):
     erase_conversation(st, cid, by="ada", reason="consent withdrawn", images_dir=None)
     with pytest.raises(RuntimeError, match="erased conversation"):
         downgrade(url, "0002")
-    # PostgreSQL rolls the whole downgrade back; SQLite's DDL is not transactional, so 0004's step (no rows) stays done
-    assert current_revision(url) in ("0003", "0004")
+    # PostgreSQL rolls the whole downgrade back; SQLite's DDL is not transactional, so the steps above 0003 (no rows) stay done
+    assert current_revision(url) in ("0003", "0005")
     assert "erasures" in inspect(make_engine(url)).get_table_names()
     st.dispose()
