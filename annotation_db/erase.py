@@ -41,6 +41,7 @@ from .models import (
     ModelVersion,
     Rating,
     Role,
+    TrainingRunPreference,
     TrainingRunRating,
     Turn,
     User,
@@ -78,13 +79,15 @@ class Erased:
                 + retrain)
 
 
-def trained_on(s: Session, rating_ids: list[int]) -> tuple[list[int], list[str]]:
-    """(training runs whose lineage holds any of `rating_ids`, the names of the versions those runs
-    produced and of every descendant version, which continued their adapters), in id order."""
+def trained_on(s: Session, rating_ids: list[int], preference_ids: list[int] = ()) -> tuple[list[int], list[str]]:
+    """(training runs whose lineage holds any of `rating_ids` or `preference_ids`, the names of the
+    versions those runs produced and of every descendant version, which continued their adapters),
+    in id order."""
     runs: set[int] = set()
-    for i in range(0, len(rating_ids), 500):
-        runs.update(s.scalars(select(TrainingRunRating.run_id).where(
-            TrainingRunRating.rating_id.in_(rating_ids[i:i + 500]))))
+    for table, column, ids in ((TrainingRunRating, TrainingRunRating.rating_id, list(rating_ids)),
+                               (TrainingRunPreference, TrainingRunPreference.preference_id, list(preference_ids))):
+        for i in range(0, len(ids), 500):
+            runs.update(s.scalars(select(table.run_id).where(column.in_(ids[i:i + 500]))))
     if not runs:
         return [], []
     versions = list(s.execute(select(ModelVersion.id, ModelVersion.name, ModelVersion.parent_id,
@@ -120,7 +123,6 @@ def erase(s: Session, conversation_id: int, by_user_id: int, reason: str) -> Era
     image_ids = set(s.scalars(select(ConversationImage.image_id).where(ConversationImage.conversation_id == conversation_id)))
     links = s.scalar(select(func.count()).select_from(ConversationImage)
                      .where(ConversationImage.conversation_id == conversation_id))
-    runs, versions = trained_on(s, rating_ids)
 
     now = utcnow()
     conv.context, conv.erased_at = {}, now
@@ -137,7 +139,9 @@ def erase(s: Session, conversation_id: int, by_user_id: int, reason: str) -> Era
         s.execute(delete(Image).where(Image.id.in_(gone)))
     from .pairwise import erase_cases
 
-    erase_cases(s, turn_ids, hashes, now)  # the copies of its questions and images queued for pairwise review
+    # the copies of its questions and images queued for pairwise review, and the judgements on them
+    preference_ids = erase_cases(s, turn_ids, hashes, now)
+    runs, versions = trained_on(s, rating_ids, preference_ids)
     tomb = Erasure(conversation_id=conversation_id, erased_by_id=admin.id, reason=reason, turn_ids=turn_ids,
                    rating_ids=rating_ids, images_unlinked=links, images_deleted=len(gone), trained_versions=versions,
                    training_runs=runs, created_at=now)

@@ -325,6 +325,19 @@ class TrainingRunRating(Base):
     )
 
 
+class TrainingRunPreference(Base):
+    """Lineage: the experts' blind pairwise preferences that went into a (DPO) run."""
+
+    __tablename__ = "training_run_preferences"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("training_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    preference_id: Mapped[int] = mapped_column(
+        ForeignKey("pairwise_preferences.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
+
+
 class EvalSplit(TimestampMixin, Base):
     """The frozen evaluation split: assigned once per image hash, never changed."""
 

@@ -390,9 +390,10 @@ def pairwise_preference_pairs(s: Session, *, batch: str | None = None,
     return out
 
 
-def erase_cases(s: Session, turn_ids: Sequence[int], deleted_hashes: Sequence[str], when: datetime) -> int:
+def erase_cases(s: Session, turn_ids: Sequence[int], deleted_hashes: Sequence[str], when: datetime) -> list[int]:
     """Blank the pairwise cases of erased turns, and the held-out cases showing an image that is gone
-    (called by `erase.erase` in its transaction). Their preferences lose correction and comment."""
+    (called by `erase.erase` in its transaction). Their preferences lose correction and comment.
+    Returns the ids of those preferences (lineage: the versions trained on them)."""
     ids: set[int] = set()
     for i in range(0, len(turn_ids), 500):
         ids.update(s.scalars(select(PairwiseCase.id).where(PairwiseCase.turn_id.in_(turn_ids[i:i + 500]))))
@@ -405,7 +406,8 @@ def erase_cases(s: Session, turn_ids: Sequence[int], deleted_hashes: Sequence[st
         case.question, case.context, case.image_hashes = "", {}, []
         case.candidate_answer = case.active_answer = ""
         case.erased_at = case.erased_at or when
-    for pref in s.scalars(select(PairwisePreference).where(PairwisePreference.case_id.in_(sorted(ids)))) if ids else ():
+    prefs = list(s.scalars(select(PairwisePreference).where(PairwisePreference.case_id.in_(sorted(ids))))) if ids else []
+    for pref in prefs:
         pref.correction = pref.comment = None
     s.flush()
-    return len(ids)
+    return sorted(p.id for p in prefs)

@@ -22,10 +22,12 @@ from .models import (
     EvalSplit,
     Lock,
     ModelVersion,
+    PairwisePreference,
     Rating,
     RunStatus,
     Split,
     TrainingRun,
+    TrainingRunPreference,
     TrainingRunRating,
     VersionStatus,
     utcnow,
@@ -172,8 +174,9 @@ def start_training_run(s: Session, config: dict) -> TrainingRun:
 
 def finish_training_run(s: Session, run_id: int, *, status: str, counts: dict | None = None,
                         rating_ids: Iterable[int] = (), synthetic_ids: Iterable = (),
-                        report: dict | None = None) -> TrainingRun:
-    """Close a run with its outcome and lineage: the ratings and synthetic items it used."""
+                        report: dict | None = None, preference_ids: Iterable[int] = ()) -> TrainingRun:
+    """Close a run with its outcome and lineage: the ratings, blind pairwise preferences and
+    synthetic items it used."""
     try:
         status_ = RunStatus(status)
     except ValueError:
@@ -185,14 +188,10 @@ def finish_training_run(s: Session, run_id: int, *, status: str, counts: dict | 
         raise NotFound(f"no training run with id {run_id}")
     if run.status is not RunStatus.running:
         raise Conflict(f"training run {run_id} already finished ({run.status.value})")
-    ids = sorted({int(i) for i in rating_ids})
-    found: set[int] = set()
-    for i in range(0, len(ids), 500):
-        found.update(s.scalars(select(Rating.id).where(Rating.id.in_(ids[i:i + 500]))))
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise NotFound(f"{len(missing)} rating ids do not exist (first: {missing[0]})")
+    ids = _existing(s, Rating.id, rating_ids, "rating")
+    prefs = _existing(s, PairwisePreference.id, preference_ids, "pairwise preference")
     s.add_all(TrainingRunRating(run_id=run_id, rating_id=i) for i in ids)
+    s.add_all(TrainingRunPreference(run_id=run_id, preference_id=i) for i in prefs)
     run.status = status_
     run.finished_at = utcnow()
     run.counts = check_json(counts, "counts")
@@ -200,6 +199,18 @@ def finish_training_run(s: Session, run_id: int, *, status: str, counts: dict | 
     run.report = check_json(report, "report")
     s.flush()
     return run
+
+
+def _existing(s: Session, column, ids: Iterable[int], what: str) -> list[int]:
+    """`ids` sorted and deduplicated, or NotFound naming the first that has no row."""
+    ids = sorted({int(i) for i in ids})
+    found: set[int] = set()
+    for i in range(0, len(ids), 500):
+        found.update(s.scalars(select(column).where(column.in_(ids[i:i + 500]))))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise NotFound(f"{len(missing)} {what} ids do not exist (first: {missing[0]})")
+    return ids
 
 
 def _run_ids(s: Session, version_id: int | str, ancestors: bool) -> list[int]:

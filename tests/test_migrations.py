@@ -13,15 +13,16 @@ from annotation_db.db import current_revision, downgrade, make_engine, upgrade
 from annotation_db.models import Base
 
 TABLES = {"users", "images", "conversations", "conversation_images", "turns", "ratings", "model_versions",
-          "training_runs", "training_run_ratings", "eval_split", "locks", "erasures", "pairwise_cases",
+          "training_runs", "training_run_ratings", "training_run_preferences", "eval_split", "locks", "erasures", "pairwise_cases",
           "pairwise_preferences", "alembic_version"}
+HEAD = "0006"
 
 
 
 
 def test_head_matches_models_and_downgrades_to_base(url):
     upgrade(url)
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == HEAD
     engine = make_engine(url)
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == TABLES
@@ -37,7 +38,7 @@ def test_head_matches_models_and_downgrades_to_base(url):
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == {"alembic_version"}
     upgrade(url)  # and back up again
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == HEAD
     engine.dispose()
 
 
@@ -78,7 +79,7 @@ def test_upgrade_works_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     upgrade(url)
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == HEAD
 
 
 def test_0003_downgrade_refuses_to_lose_tombstones(url):
@@ -96,6 +97,6 @@ def test_0003_downgrade_refuses_to_lose_tombstones(url):
     with pytest.raises(RuntimeError, match="erased conversation"):
         downgrade(url, "0002")
     # PostgreSQL rolls the whole downgrade back; SQLite's DDL is not transactional, so the steps above 0003 (no rows) stay done
-    assert current_revision(url) in ("0003", "0005")
+    assert current_revision(url) in ("0003", HEAD)
     assert "erasures" in inspect(make_engine(url)).get_table_names()
     st.dispose()

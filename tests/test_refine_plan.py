@@ -172,3 +172,7 @@ def test_blind_preferences_become_dpo_pairs_but_never_from_the_gates_cases(tiny_
     assert sorted(p["heldout"] for p in blind) == [False, True]  # the gate's case is never trained on
     trained = next(p for p in blind if not p["heldout"])
     assert seeded["hashes"][0] in trained["images"][0]
+    # lineage: the run records the judgement it trains on, so an erasure can name the version
+    from training.refine.register import _dpo_lineage
+
+    assert _dpo_lineage(plan, "preference_ids") == trained["preference_ids"] and len(trained["preference_ids"]) == 1

@@ -154,3 +154,29 @@ def test_cli_erases_with_one_line(erasable, capsys):
     assert run(["erase", str(w["conv"]), "--db", url, "--home", str(home), "--by", "ada", "--reason", "consent"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("annotation_db: conversation") and "already erased" in err and "\n" == err[-1]
+
+
+def test_a_version_trained_on_a_blind_preference_about_it_is_named(erasable):
+    """A DPO run that learned only from an expert's blind A/B judgement of a case copied from the
+    conversation (no rating of it) is still named on the tombstone, with its descendants."""
+    from annotation_db import pairwise as pw
+    from annotation_db.models import Side
+
+    w, db = erasable, erasable["db"]
+    with db.session() as s:
+        q = pw.add_pairwise_cases(s, [pw.CaseIn("What is this lesion?", "Melanoma.", "Naevus.", [h(0)], turn_id=w["t1"])],
+                                  candidate=w["v2"], active=w["v1"], batch="b")
+        case = q.case_ids[0]
+        pref = pw.record_preference(s, case, w["e2"], "a" if pw.shown_first(case, w["e2"]) is Side.candidate else "b")
+        with pytest.raises(NotFound, match="pairwise preference"):
+            store.finish_training_run(s, store.start_training_run(s, {}).id, status="completed", preference_ids=[10**6])
+    with db.session() as s:
+        run = store.start_training_run(s, {"method": "dpo"})
+        store.finish_training_run(s, run.id, status="completed", preference_ids=[pref.preference_id])
+        v4 = store.register_version(s, base_model="b", adapter_path="models/v4", parent_id=w["v1"], training_run_id=run.id)
+        v5 = store.register_version(s, base_model="b", adapter_path="models/v5", parent_id=v4.id)
+        names, run_id = (v4.name, v5.name), run.id
+    done = erase_conversation(db, w["conv"], by="ada", reason="consent withdrawn", images_dir=w["images"])
+    assert done.trained_versions == [w["v2"], w["v3"], *names] and done.training_runs == [w["run"], run_id]
+    with db.session() as s:  # the lineage row stays: the ids are kept, the content is gone
+        assert s.execute(text("SELECT preference_id FROM training_run_preferences")).scalar() == pref.preference_id

@@ -206,5 +206,13 @@ def test_downgrade_refuses_to_lose_preferences(url):
         pw.record_preference(s, q.case_ids[0], e.id, "tie")
     with pytest.raises(RuntimeError, match="pairwise preference"):
         downgrade(url, "0003")
-    assert current_revision(url) in ("0004", "0005")  # SQLite keeps the steps done before the refusal; PostgreSQL rolls back
+    assert current_revision(url) in ("0004", "0006")  # SQLite keeps the steps done before the refusal; PostgreSQL rolls back
+    upgrade(url)
+    with st.session() as s:  # a run that learned from that judgement: its lineage is kept as well
+        run = store.start_training_run(s, {"method": "dpo"})
+        pref = s.scalar(select(PairwisePreference.id))
+        store.finish_training_run(s, run.id, status="completed", preference_ids=[pref])
+    with pytest.raises(RuntimeError, match="lineage of 1 trained preference"):
+        downgrade(url, "0005")
+    assert current_revision(url) == "0006"
     st.dispose()

@@ -213,7 +213,7 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
     prefs = [
         {"turn_id": p.turn_id, "images": [str(image_path(images_dir, h)) for h in p.image_hashes], "question": p.question,
          "context": p.context or None, "template": p.template, "chosen": p.chosen, "rejected": p.rejected,
-         "rating_ids": list(p.rating_ids), "heldout": any(split.get(h) == "heldout" for h in p.image_hashes)}
+         "rating_ids": list(p.rating_ids), "preference_ids": [], "heldout": any(split.get(h) == "heldout" for h in p.image_hashes)}
         for p in gold.preference_pairs if p.image_hashes  # text-only pairs are left out, as for SFT
     ]
     # A blind comparison trains only on images of the gold training split: the gate's own cases (held-out
@@ -222,7 +222,7 @@ def build_plan(db: Any, cfg: Any, *, images_dir: Path, active_version_id: int | 
     prefs += [
         {"turn_id": p.turn_id, "images": [str(image_path(images_dir, h)) for h in p.image_hashes], "question": p.question,
          "context": p.context or None, "template": p.template, "chosen": p.chosen, "rejected": p.rejected,
-         "rating_ids": [], "heldout": not set(p.image_hashes) <= trainable}
+         "rating_ids": [], "preference_ids": [p.preference_id], "heldout": not set(p.image_hashes) <= trainable}
         for p in pairwise if p.image_hashes
     ]
     counts["pairwise_preference_pairs"] = len(pairwise)

@@ -169,7 +169,8 @@ def register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, plan:
                 gate.reports["candidate"].save(tmp / "eval")
             os.replace(tmp, final)
             st.finish_training_run(s, run.store_run_id, status="completed", counts=plan.counts,
-                                   rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_rating_ids(plan),
+                                   rating_ids=plan.rating_ids if cfg.method == "sft" else _dpo_lineage(plan, "rating_ids"),
+                                   preference_ids=[] if cfg.method == "sft" else _dpo_lineage(plan, "preference_ids"),
                                    synthetic_ids=plan.synthetic_ids if cfg.method == "sft" else [],
                                    report=_json_safe({k: v for k, v in report.items() if k != "config"}))
             metrics_record = {"candidate": metrics_c, "active": metrics_a, "compared_with": active_name,
@@ -205,8 +206,9 @@ def register(db: Any, settings: Settings, cfg: RefineConfig, run: RunPlan, plan:
     return Outcome(Status(report["outcome"]), summary, version=name, run_id=run_dir.name, run_dir=run_dir, report=report)
 
 
-def _dpo_rating_ids(plan: Any) -> list[int]:
-    return sorted({i for p in plan.preference_pairs if not p["heldout"] for i in p["rating_ids"]})
+def _dpo_lineage(plan: Any, key: str) -> list[int]:
+    """The rating or pairwise-preference ids behind the preference pairs a DPO run trained on."""
+    return sorted({i for p in plan.preference_pairs if not p["heldout"] for i in p[key]})
 
 
 def _json_safe(d: Any) -> Any:
