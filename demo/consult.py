@@ -263,6 +263,9 @@ class Consult:
         chunks = iter(gen)
         try:
             yield messages, case, gr.update(), gr.update(), gr.update(value="Answering…")
+            for note in self.ctx.runtime.waiting(gen):  # behind other clinicians' answers: place in line, wait
+                messages[-1] = {"role": "assistant", "content": f"_{note}_"}
+                yield messages, case, gr.update(), gr.update(), gr.update(value=note)
             for chunk in chunks:
                 text += chunk
                 messages[-1] = {"role": "assistant", "content": model_markdown(text) + " ▌"}
