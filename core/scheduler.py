@@ -247,7 +247,7 @@ class Scheduler:
         with engine._lock, torch.inference_mode(), _restore_threads():
             engine._activate(batch[0].version)
             start = time.perf_counter()
-            out = engine._generate(**inputs, **engine._generate_kwargs(batch[0].gen), streamer=streamer,
+            out = engine._generate(**engine._model_inputs(inputs, batch[0].version), **engine._generate_kwargs(batch[0].gen), streamer=streamer,
                                    stopping_criteria=StoppingCriteriaList([_FirstToken([], then), _RowsStop(batch)]))
             latency = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]

@@ -158,7 +158,9 @@ class Consult:
             who = self.ctx.auth.identify(request)
             admit(self.ctx, who, request)
             self.ctx.limits.upload(who.name, [upload_size(p) for p in paths])
-            return [str(img.path) for img in self._intake(paths, clean_folder())]
+            stored = self._intake(paths, clean_folder())
+            self.ctx.runtime.prepare([img.image for img in stored])  # encoded while the clinician types the question
+            return [str(img.path) for img in stored]
         except (DermaLoopError, Denied, OSError) as e:
             gr.Warning(f"the upload could not be read ({e})" if isinstance(e, OSError) else str(e))
             return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -71,6 +72,7 @@ class Runtime:
         self._ids: dict[str, int] = {}  # engine version name -> store version id
         self._failed: dict[str, float] = {}  # version name -> when loading it failed (retried after a minute)
         self._checked = float("-inf")
+        self._preparer: ThreadPoolExecutor | None = None  # encodes uploads ahead of the question (started when needed)
 
     # -- versions -------------------------------------------------------------
     @property
@@ -142,6 +144,24 @@ class Runtime:
         adapter = self.engine.versions.get(version)
         return _RemoteGeneration(self.stream_fn(list(images), question, kwargs, version, adapter), version)
 
+
+    def prepare(self, images: Sequence[Any]) -> Future | None:
+        """Start encoding uploaded images in the background (one at a time), so the question that follows
+        skips the vision tower (core/features.py). Only where the model runs in this process."""
+        if self.stream_fn is not None or not isinstance(self.engine, Engine) or not self.engine.features_supported or not images:
+            return None
+        if self._preparer is None:
+            self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermaloop-prepare")
+        version = self.engine.default_version
+
+        def run() -> int:
+            try:
+                return self.engine.prepare(list(images), version=version)
+            except Exception:  # a speed-up only: the question encodes the image itself
+                log.exception("could not encode the uploaded images ahead of the question")
+                return 0
+
+        return self._preparer.submit(run)
 
     def waiting(self, handle: Any, every_s: float = 1.0) -> Iterator[str]:
         """While `handle` waits behind other answers: a note such as "2nd in line, about 20 s", again every

@@ -148,3 +148,16 @@ def test_rating_completes_while_an_answer_is_generating(consult, gated, files):
                                                  (3, 0.2, "3rd in line, about 1 s"), (12, 600, "12th in line, about 10 min")])
 def test_queue_note(place, wait_s, note):
     assert queue_note(place, wait_s) == note
+
+
+def test_an_upload_is_encoded_before_the_question(consult, gated, tmp_path):
+    engine, _ = gated
+    upload = save_png(tmp_path / "upload.png", draw_lesion(colour=(150, 120, 30), size=(120, 90)))
+    encoded = engine.features.stats.encoded
+    cleaned = consult.clean_uploads([upload], req("cara", "up"))
+    consult.ctx.runtime._preparer.submit(lambda: None).result(30)  # one worker: the upload's encoding has finished
+    assert engine.features.stats.encoded == encoded + 1
+    hits = engine.features.stats.hits
+    case = Case()
+    ask(consult, case, cleaned, QUESTIONS[0], who="cara", session="up")
+    assert case.last_answer and engine.features.stats.encoded == encoded + 1 and engine.features.stats.hits == hits + 1
