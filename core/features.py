@@ -56,6 +56,7 @@ class FeatureCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()  # key -> [rows, tokens per row, hidden]
         self._lock = threading.Lock()
+        self._pending: dict[str, threading.Event] = {}  # keys being encoded now (by an upload's prepare, say)
         self.stats = FeatureStats()
 
     @property
@@ -110,6 +111,11 @@ class FeatureCache:
             real = int((pixels[b] != 0).flatten(1).any(1).sum())  # padding rows are all zeros (as transformers decides)
             if row != real:
                 return None
+        for key in {k for *_, k in layout}:  # a question right after its upload waits for that encoding, not a second one
+            with self._lock:
+                pending = self._pending.get(key)
+            if pending is not None:
+                pending.wait()
         found = {key: t for key in {k for *_, k in layout} if (t := self.get(key)) is not None}
         self.stats.hits += sum(key in found for *_, key in layout)
         missing = list({key: (b, r, n) for b, r, n, key in layout if key not in found}.items())
@@ -124,6 +130,18 @@ class FeatureCache:
     def _encode(self, model: Any, pixels: torch.Tensor, mask: torch.Tensor | None,
                 missing: list[tuple[str, tuple[int, int, int]]]) -> dict[str, torch.Tensor]:
         """Run the missing images' rows through the vision tower together; cache and return their features."""
+        with self._lock:
+            events = {key: self._pending.setdefault(key, threading.Event()) for key, _ in missing}
+        try:
+            return self._run_tower(model, pixels, mask, missing)
+        finally:
+            with self._lock:
+                for key, event in events.items():
+                    self._pending.pop(key, None)
+                    event.set()
+
+    def _run_tower(self, model: Any, pixels: torch.Tensor, mask: torch.Tensor | None,
+                   missing: list[tuple[str, tuple[int, int, int]]]) -> dict[str, torch.Tensor]:
         rows = torch.cat([pixels[b, r : r + n] for _, (b, r, n) in missing])[None]
         row_mask = torch.cat([mask[b, r : r + n] for _, (b, r, n) in missing])[None] if mask is not None else None
         features = model.get_image_features(pixel_values=rows, pixel_attention_mask=row_mask, return_dict=True).pooler_output[0]

@@ -90,3 +90,20 @@ def test_without_splitting_too(tiny_model_dir, images):
         assert cached.answer(imgs, "What is it?").text == plain.answer(imgs, "What is it?").text
     assert cached.prepare(images) == 0 and cached.features.stats.encoded == 3  # all seen already
     assert cached.prepare([draw_lesion(colour=(10, 20, 200)), images[0]]) == 1  # only the new one
+
+
+def test_a_question_during_its_uploads_encoding_waits_for_it_instead_of_encoding_again(tiny_model_dir, without, images):
+    import threading
+    import time
+
+    engine = _engine(tiny_model_dir, 64)
+    tower = next(m for name, m in engine.model.named_modules() if name.endswith("vision_model"))
+    tower.register_forward_pre_hook(lambda *_: time.sleep(1.0))  # a slow encoding, as on CPU with image splitting
+    upload = threading.Thread(target=engine.prepare, args=([images[2]],))
+    upload.start()
+    while not engine.features._pending:  # the upload's encoding has begun
+        time.sleep(0.01)
+    answer = engine.answer([images[2]], QUESTIONS[0])
+    upload.join()
+    assert answer.text == without.answer([images[2]], QUESTIONS[0]).text
+    assert engine.features.stats.tower_calls == 1 and engine.features.stats.encoded == 1
