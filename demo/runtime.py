@@ -144,7 +144,6 @@ class Runtime:
         adapter = self.engine.versions.get(version)
         return _RemoteGeneration(self.stream_fn(list(images), question, kwargs, version, adapter), version)
 
-
     def prepare(self, images: Sequence[Any]) -> Future | None:
         """Start encoding uploaded images in the background (one at a time), so the question that follows
         skips the vision tower (core/features.py). Only where the model runs in this process."""
