@@ -112,6 +112,10 @@ class Settings:
     device_map: str = opt("", "auto: spread a model larger than one GPU over all GPUs (accelerate)", choices=("", "auto"))
     kv_cache_mb: int = opt(1024, "memory for the keys/values of live conversations, so follow-ups skip re-encoding "
                                  "(least recently used dropped first; 0: off)", minimum=0)
+    max_batch: int = opt(8, "answers decoded together when clinicians ask at once (dynamic batching, core/scheduler.py; "
+                            "1: one answer at a time)", minimum=1)
+    feature_cache_mb: int = opt(256, "memory for image features by image content, so an image is encoded once: at upload, "
+                                     "and again for no later question or conversation (0: off)", minimum=0)
     backend: str = opt("local", "where answers are generated: local (this process, transformers) or openai (an "
                                 "OpenAI-compatible server such as vLLM at --endpoint)", choices=("local", "openai"))
     endpoint: str = opt("", "base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (backend openai)")

@@ -30,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from core.config import GenerationSettings, Settings
 from core.errors import InputError, ModelLoadError
+from core.features import FEATURE_FAMILIES, FeatureCache
 from core.kv_cache import IMAGE_AXIS, ConversationCache, Reuse, fingerprint, processor_signature, slice_pixels
 from core.models import LoadedModel, context_length, load_model
 from core.prompts import SAFETY_INSTRUCTION, ChatTurn, ClinicalContext, build_messages, check_question
@@ -176,6 +177,10 @@ class Engine:
         # Follow-ups of a conversation reuse its keys/values (core/kv_cache.py); families not listed there encode in full.
         self.kv_cache = ConversationCache(self.settings.kv_cache_mb * 2**20)
         self.kv_cache_supported = self.info.model_type in IMAGE_AXIS
+        # Each image goes through the vision tower once, by content (core/features.py).
+        self.features = FeatureCache(self.settings.feature_cache_mb * 2**20)
+        self.features_supported = self.info.model_type in FEATURE_FAMILIES
+        self._vision_adapters: set[str] = set()  # adapters that change the vision tower or connector (own features)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
@@ -229,6 +234,8 @@ class Engine:
             except (OSError, ValueError, RuntimeError) as e:
                 raise ModelLoadError(f"could not load adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
             self._versions[name] = str(adapter_dir)
+            if any(f".{name}." in n and ("vision" in n or "connector" in n) for n, _ in self.model.named_parameters()):
+                self._vision_adapters.add(name)
             self._activate(self.default_version)
 
     def remove_adapter(self, name: str) -> None:
@@ -240,6 +247,8 @@ class Engine:
             self.model.delete_adapter(name)
             del self._versions[name]
             self.kv_cache.drop_version(name)
+            self.features.drop_weights(name)
+            self._vision_adapters.discard(name)
 
     def use(self, name: str) -> None:
         """Make `name` the version used when a call names none."""
@@ -310,6 +319,38 @@ class Engine:
         inputs = self._prepare(images, question, context, history, template, version)
         return self._generate_one(inputs, gen, version, template, conv=self._conversation(conversation, history, images))
 
+    def prepare(self, images: Sequence[Image.Image], *, version: str | None = None) -> int:
+        """Encode `images` now (the app calls this on upload, while the clinician types), so questions about
+        them skip the vision tower; returns how many went through it (0: cached already, or a family without
+        the feature cache). Without adapters that change the vision tower, this runs beside an answer under
+        way (decoding leaves a core idle on CPU); with one, it waits for the generation lock."""
+        if not (self.features_supported and self.features.budget_bytes and images):
+            return 0
+        version = version or self.default_version
+        if version not in self._versions:
+            raise InputError(f"version {version!r} is not loaded")
+        inputs = self._encode([[ChatTurn("Describe the image.", None, list(images))]])
+        before = self.features.stats.encoded
+        with (self._lock if self._vision_adapters else contextlib.nullcontext()), torch.inference_mode():
+            if self._vision_adapters:
+                self._activate(version)
+            self._model_inputs(inputs, version)
+        return self.features.stats.encoded - before
+
+    def _model_inputs(self, inputs: dict[str, Any], version: str, skip_rows: int = 0) -> dict[str, Any]:
+        """What generate receives: the pixels replaced by the images' cached features where the family allows,
+        less the first `skip_rows` image rows (a cached conversation prefix holds them)."""
+        images = inputs.get("_images")
+        inputs = {k: v for k, v in inputs.items() if k != "_images"}
+        if "pixel_values" in inputs and images is not None and self.features_supported and self.features.budget_bytes:
+            prints = [[fingerprint(im) for im in sample] for sample in images]
+            weights = version if version in self._vision_adapters else BASE_VERSION
+            out = self.features.substitute(self.model, self.processor.image_processor, inputs, images, prints, weights=weights,
+                                           signature=processor_signature(self.processor), skip_rows=skip_rows)
+            if out is not None:
+                return out
+        return slice_pixels(inputs, IMAGE_AXIS[self.info.model_type], skip_rows) if skip_rows else inputs
+
     def _conversation(self, key: str | None, history: Sequence[ChatTurn], images: Sequence[Image.Image]) -> _Conv | None:
         if key is None or not self.kv_cache_supported or self.kv_cache.budget_bytes == 0:
             return None
@@ -344,12 +385,13 @@ class Engine:
         with self._lock, torch.inference_mode(), _restore_threads():
             self._activate(version)
             start = time.perf_counter()
-            run_inputs, extra = inputs, {}
+            extra, skip = {}, 0
             if conv is not None:
                 reuse = self._take(conv, inputs, version)
                 extra = {"return_dict_in_generate": True}
                 if reuse.cache is not None:
-                    run_inputs = {**slice_pixels(inputs, IMAGE_AXIS[self.info.model_type], reuse.rows), "past_key_values": reuse.cache}
+                    extra["past_key_values"], skip = reuse.cache, reuse.rows
+            run_inputs = self._model_inputs(inputs, version, skip)
             out = self._generate(**run_inputs, **self._generate_kwargs(gen), **extra, streamer=streamer, stopping_criteria=criteria)
             latency = time.perf_counter() - start
             if conv is not None:
@@ -385,7 +427,7 @@ class Engine:
             with self._lock, torch.inference_mode():
                 self._activate(version)
                 start = time.perf_counter()
-                out = self._generate(**inputs, **self._generate_kwargs(gen))
+                out = self._generate(**self._model_inputs(inputs, version), **self._generate_kwargs(gen))
                 latency = time.perf_counter() - start
             width = inputs["input_ids"].shape[1]
             answers += [
@@ -431,7 +473,9 @@ class Engine:
             raise InputError(f"the conversation is {n_tokens} tokens long with its images; the limit is "
                              f"{limit}: start a new case, or use fewer images")
         device, dtype = self.model.device, self.model.dtype
-        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        out: dict[str, Any] = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        out["_images"] = images  # per prompt, in order: the feature cache's keys (`_model_inputs` takes them out)
+        return out
 
     def _decode_threads(self) -> int:
         """Threads for the decode phase on CPU (0: leave torch's setting)."""

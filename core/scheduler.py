@@ -8,8 +8,12 @@ answer is the one it gets alone (tests/test_scheduler.py).
 The scheduler waits `window_s` after the first request for others, then takes up to
 `max_batch` requests that can share a batch (same model version and generation settings, and
 all with images or all without); the rest wait for the next round. A request alone goes
-through `Engine.stream`, so a follow-up still reuses its conversation's cached keys/values;
-a batch encodes its prompts in full (the prefix cache holds one conversation per cache).
+through the engine's own path, so a follow-up reuses its conversation's cached keys/values.
+A batch encodes its prompts in full (a `DynamicCache` holds one prefix length for all rows), so
+a follow-up whose conversation is in the prefix cache is never batched: it runs alone, where
+its prompt costs a few tokens instead of the whole conversation with its images. Image features
+come from the engine's feature cache in both paths (core/features.py). A request stopped while
+it waits leaves the queue without running.
 
     scheduler = Scheduler(engine, max_batch=8)
     handle = scheduler.submit([image], "What is this lesion?")
@@ -48,6 +52,11 @@ class Request(Handle):
         self._done = threading.Event()
         self._exc: BaseException | None = None
         self.first_token_at: float | None = None
+        self.started = threading.Event()  # set when its batch begins (it no longer waits in line)
+
+    @property
+    def conversation(self) -> str | None:
+        return self.kwargs.get("conversation")
 
     @property
     def has_images(self) -> bool:
@@ -101,6 +110,7 @@ class SchedulerStats:
     batches: int = 0
     largest_batch: int = 0
     batch_seconds: list[float] = field(default_factory=list)  # recent batches' durations (for the wait estimate)
+    dropped: int = 0  # requests stopped while they waited
 
 
 class Scheduler:
@@ -110,8 +120,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.stats = SchedulerStats()
-        self._worker = threading.Thread(target=self._loop, daemon=True, name="dermaloop-scheduler")
-        self._worker.start()
+        self._running_since: float | None = None  # when the batch under way began (None: idle)
+        self._worker: threading.Thread | None = None  # started by the first request (an idle app holds no thread)
 
     def submit(self, images: Sequence[Image.Image], question: str, *, context: ClinicalContext | None = None,
                history: Sequence[ChatTurn] = (), template: str = "free", generation: GenerationSettings | None = None,
@@ -127,16 +137,26 @@ class Scheduler:
                       conversation=conversation)
         req = Request([*history, turn], kwargs, gen, version, streamer)
         with self._cond:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, daemon=True, name="dermaloop-scheduler")
+                self._worker.start()
             req.position = len(self._queue)
             self._queue.append(req)
             self._cond.notify()
         return req
 
     def estimated_wait_s(self, req: Request) -> float:
-        """Seconds until `req` starts: the batches ahead of it times a recent batch's duration."""
+        """Seconds until `req` starts: what is left of the batch under way, then the batches ahead of it
+        in the queue, each as long as a recent batch (the median of the last eight; 0 before any)."""
         recent = self.stats.batch_seconds[-8:]
         per_batch = sorted(recent)[len(recent) // 2] if recent else 0.0
-        return (req.position // self.max_batch) * per_batch
+        since = self._running_since
+        left = max(per_batch - (time.perf_counter() - since), 0.0) if since is not None else 0.0
+        return left + (req.position // self.max_batch) * per_batch
+
+    def place(self, req: Request) -> int:
+        """Where `req` stands in line, counting the batch under way as one place (1: it is next, nothing runs)."""
+        return req.position + 1 + (self._running_since is not None)
 
     def close(self) -> None:
         with self._cond:
@@ -153,7 +173,9 @@ class Scheduler:
                     return
             time.sleep(self.window_s)  # let the others who asked at the same moment arrive
             batch = self._take()
-            start = time.perf_counter()
+            if not batch:  # every waiting request had been stopped
+                continue
+            start = self._running_since = time.perf_counter()
             try:
                 self._run(batch)
             except BaseException as e:  # every request of the batch hears of it
@@ -161,26 +183,48 @@ class Scheduler:
                     req._exc = e
                     req.streamer.end()
             finally:
+                self._running_since = None
                 for req in batch:
                     req._done.set()
             self.stats.batch_seconds = [*self.stats.batch_seconds[-7:], time.perf_counter() - start]
 
+    def _cached(self, req: Request) -> bool:
+        """Whether the request's conversation has keys/values in the prefix cache (then it runs alone)."""
+        return req.conversation is not None and self.engine.kv_cache_supported and req.conversation in self.engine.kv_cache
+
     def _take(self) -> list[Request]:
-        """The oldest request and those after it that can share its batch; the others keep their order."""
+        """The oldest request and those after it that can share its batch; the others keep their order.
+        Requests stopped while waiting end here, with an empty stopped answer."""
         with self._cond:
+            for req in [r for r in self._queue if r.stopped]:
+                self._queue.remove(req)
+                self._drop(req)
+            if not self._queue:
+                return []
             first = self._queue.popleft()
             batch, rest = [first], deque()
+            alone = self._cached(first)
             while self._queue:
                 req = self._queue.popleft()
-                fits = (len(batch) < self.max_batch and req.version == first.version and req.gen == first.gen
-                        and req.has_images == first.has_images and not req.stopped)
+                fits = (not alone and len(batch) < self.max_batch and req.version == first.version and req.gen == first.gen
+                        and req.has_images == first.has_images and not self._cached(req))
                 (batch if fits else rest).append(req)
             self._queue = rest
             for i, req in enumerate(self._queue):
                 req.position = i
+            for req in batch:
+                req.started.set()
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return batch
+
+    def _drop(self, req: Request) -> None:
+        req.result = self.engine._answer(torch.zeros(0, dtype=torch.long), version=req.version, status="stopped", prompt_tokens=0,
+                                         ttft_s=None, latency_s=0.0, gen=req.gen, template=req.kwargs["template"])
+        req.streamer.end()
+        req.started.set()
+        req._done.set()
+        self.stats.dropped += 1
 
     def _run(self, batch: list[Request]) -> None:
         engine = self.engine
@@ -203,7 +247,7 @@ class Scheduler:
         with engine._lock, torch.inference_mode(), _restore_threads():
             engine._activate(batch[0].version)
             start = time.perf_counter()
-            out = engine._generate(**inputs, **engine._generate_kwargs(batch[0].gen), streamer=streamer,
+            out = engine._generate(**engine._model_inputs(inputs, batch[0].version), **engine._generate_kwargs(batch[0].gen), streamer=streamer,
                                    stopping_criteria=StoppingCriteriaList([_FirstToken([], then), _RowsStop(batch)]))
             latency = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]

@@ -4,9 +4,10 @@
     demo.launch(**launch_kwargs(demo))                  # what `python -m demo` and app.py do
 
 Only wiring lives here: the handlers are in `consult`, `review`, `insights` and `admin`.
-Generation events share one concurrency slot ("generate", `DemoOptions.concurrency`),
-so the model never runs twice at once and queued users see their position;
-rating, review and insights run in their own slots and never wait behind it.
+Generation events share one concurrency slot ("generate"): with batching (`max_batch` > 1) it admits
+two batches' worth and the scheduler keeps the line, telling each clinician their place and wait;
+without, `DemoOptions.concurrency` answers at once and Gradio's queue shows the place.
+Rating, review and insights run in their own slots and never wait behind generation.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build_demo(
         runtime = attach(settings, engine, store, options)
     auth = auth or AuthConfig.local(settings.local_user)
     ctx = Ctx(runtime, auth, options)
-    generate = {"concurrency_limit": options.concurrency, "concurrency_id": "generate"}
+    generate = {"concurrency_limit": runtime.generation_slots(options.concurrency), "concurrency_id": "generate"}
 
     # Gradio deletes this app's cached files (upload copies, exports) older than 6 h, checking hourly.
     with gr.Blocks(title="DermaLoop", delete_cache=(3600, 6 * 3600)) as demo:

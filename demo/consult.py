@@ -169,7 +169,9 @@ class Consult:
             who = self.ctx.auth.identify(request)
             admit(self.ctx, who, request)
             self.ctx.limits.upload(who.name, [upload_size(p) for p in paths])
-            return [str(img.path) for img in self._intake(paths, clean_folder())]
+            stored = self._intake(paths, clean_folder())
+            self.ctx.runtime.prepare([img.image for img in stored])  # encoded while the clinician types the question
+            return [str(img.path) for img in stored]
         except (DermaLoopError, Denied, OSError) as e:
             gr.Warning(f"the upload could not be read ({e})" if isinstance(e, OSError) else str(e))
             return None
@@ -280,6 +282,9 @@ class Consult:
         chunks = iter(gen)
         try:
             yield messages, case, gr.update(), gr.update(), gr.update(value="Answering…")
+            for note in self.ctx.runtime.waiting(gen):  # behind other clinicians' answers: place in line, wait
+                messages[-1] = {"role": "assistant", "content": f"_{note}_"}
+                yield messages, case, gr.update(), gr.update(), gr.update(value=note)
             for chunk in chunks:
                 text += chunk
                 messages[-1] = {"role": "assistant", "content": model_markdown(text) + " ▌"}

@@ -7,6 +7,10 @@ needs stops with one line naming the version and what to do, and changes nothing
 in the store. Only a store with no model versions at all falls back to the offline
 demonstration model, which lives apart (`training.demo_model`, `<home>/offline-demo/`).
 
+`Runtime.stream()` hands each question to the batching scheduler (core/scheduler.py), so clinicians
+who ask at once are answered in one batch; `Runtime.waiting(handle)` says where a question stands in
+line and about how long it will wait. Rating, review and insights never touch the engine.
+
 `Runtime.sync()` is called before each answer (at most every `poll_s` seconds it
 asks the store which version is active, one small query) and swaps the adapter
 without a restart; an answer that is streaming keeps the version it started with,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -29,6 +34,7 @@ from core.config import Settings
 from core.engine import Answer, Engine
 from core.errors import DermaLoopError, ModelLoadError
 from core.models import load_model, same_model
+from core.scheduler import Request, Scheduler
 
 log = logging.getLogger("dermaloop.demo")
 
@@ -59,12 +65,14 @@ class Runtime:
     poll_s: float = 3.0
     stream_fn: Callable[..., Iterator[Any]] | None = None  # ZeroGPU: generation inside spaces.GPU
     housekeeping: threading.Thread | None = None  # start-up clean-up running in the background
+    scheduler: Scheduler | None = None  # batches concurrent questions (None: ZeroGPU, a remote back-end, or max_batch 1)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}  # engine version name -> store version id
         self._failed: dict[str, float] = {}  # version name -> when loading it failed (retried after a minute)
         self._checked = float("-inf")
+        self._preparer: ThreadPoolExecutor | None = None  # encodes uploads ahead of the question (started when needed)
 
     # -- versions -------------------------------------------------------------
     @property
@@ -129,10 +137,61 @@ class Runtime:
     def stream(self, images: Sequence[Any], question: str, **kwargs: Any):
         """A running answer: iterate for text, `.stop()`, `.result` (an `Answer`) when done."""
         if self.stream_fn is None:
+            if self.scheduler is not None:
+                return self.scheduler.submit(images, question, **kwargs)
             return self.engine.stream(images, question, **kwargs)
         version = kwargs.pop("version", None) or self.engine.default_version
         adapter = self.engine.versions.get(version)
         return _RemoteGeneration(self.stream_fn(list(images), question, kwargs, version, adapter), version)
+
+    def prepare(self, images: Sequence[Any]) -> Future | None:
+        """Start encoding uploaded images in the background (one at a time), so the question that follows
+        skips the vision tower (core/features.py). Only where the model runs in this process."""
+        if self.stream_fn is not None or not isinstance(self.engine, Engine) or not self.engine.features_supported or not images:
+            return None
+        if self._preparer is None:
+            self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermaloop-prepare")
+        version = self.engine.default_version
+
+        def run() -> int:
+            try:
+                return self.engine.prepare(list(images), version=version)
+            except Exception:  # a speed-up only: the question encodes the image itself
+                log.exception("could not encode the uploaded images ahead of the question")
+                return 0
+
+        return self._preparer.submit(run)
+
+    def waiting(self, handle: Any, every_s: float = 1.0) -> Iterator[str]:
+        """While `handle` waits behind other answers: a note such as "2nd in line, about 20 s", again every
+        `every_s` seconds, until its answer begins; then "Answering…" (only if it had to wait)."""
+        scheduler = self.scheduler
+        if scheduler is None or not isinstance(handle, Request):
+            return
+        waited = False
+        while not handle.started.wait(timeout=every_s if waited else min(every_s, 0.25)):
+            waited = True
+            yield queue_note(scheduler.place(handle), scheduler.estimated_wait_s(handle))
+        if waited:
+            yield "Answering…"
+
+    def generation_slots(self, concurrency: int) -> int:
+        """How many ask events Gradio runs at once: enough for two batches when batching (the scheduler keeps
+        the line and tells each clinician their place), else `concurrency`."""
+        return 2 * self.scheduler.max_batch if self.scheduler is not None else concurrency
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def queue_note(place: int, wait_s: float) -> str:
+    """"2nd in line, about 20 s" (no time before a first answer has been timed)."""
+    if wait_s <= 0:
+        return f"{ordinal(place)} in line"
+    about = f"{max(round(wait_s), 1)} s" if wait_s < 90 else f"{round(wait_s / 60)} min"
+    return f"{ordinal(place)} in line, about {about}"
 
 
 class _RemoteGeneration:
@@ -304,7 +363,9 @@ def attach(
         import spaces  # imported before CUDA was touched by demo.spaces.prepare()
 
         stream_fn = spaces.GPU(duration=120)(worker_stream(engine))
-    runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn,
+    # Batching needs the model in this process (not ZeroGPU's worker, not a remote server, which batches itself).
+    scheduler = Scheduler(engine, max_batch=settings.max_batch) if isinstance(engine, Engine) and not zerogpu and settings.max_batch > 1 else None
+    runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn, scheduler=scheduler,
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
     runtime.sync(force=True, strict=True)
     return runtime

@@ -184,13 +184,11 @@ def test_rating_does_not_wait_behind_generation(app, client, lesion):
         rate_s = time.perf_counter() - t0
         assert not all(j.done() for j in jobs), "the slow answers should still be running"
         assert rate_s < app.delay_s - 0.5, f"rating waited {rate_s:.1f} s behind generation"
-        seen_queue = False
-        while not all(j.done() for j in jobs):
-            seen_queue |= any(j.status().code.name == "IN_QUEUE" for j in jobs)
-            time.sleep(0.05)
-        [j.result() for j in jobs]
-        assert time.perf_counter() - start >= 2 * app.delay_s, "two answers ran at once"
-        assert seen_queue, "one answer should have waited in the queue, its position shown"
+        answers = [j.result() for j in jobs]
+        assert all(isinstance(a[0], str) and a[2] for a in answers)
+        # Asked at once, they are batched (core/scheduler.py): one delay (or two, when the second missed the window).
+        assert time.perf_counter() - start >= app.delay_s
+        assert app.demo.dermaloop.runtime.scheduler.stats.batches >= 1
     finally:
         app.delay_s = 0.0
 

@@ -55,7 +55,7 @@ def images():
 def test_follow_ups_match_full_encoding_and_encode_each_image_once(family, tiny_model_dir, tiny_llava_dir, images):
     model_dir = tiny_model_dir if family == "smolvlm" else tiny_llava_dir
     settings = Settings.from_env(max_new_tokens=16)
-    full = Engine(load_model(model_dir, image_splitting="on"), settings)
+    full = Engine(load_model(model_dir, image_splitting="on"), Settings.from_env(max_new_tokens=16, feature_cache_mb=0))
     cached = Engine(load_model(model_dir, image_splitting="on"), settings)
     assert cached.kv_cache_supported
     full_rows, cached_rows = count_vision_rows(full.model), count_vision_rows(cached.model)
