@@ -310,7 +310,7 @@ def test_insights_figures_export_and_admin_only_rollback(ctx, tmp_path, store):
     for fmt in ("csv", "jsonl", "parquet"):
         files = insights.export(fmt, req("eve"))
         names = {re.sub(r"^dermaloop-export-\d+-[0-9a-f]{16}-", "", Path(f).name) for f in files}  # signed (test_security)
-        assert names == {f"{t}.{fmt}" for t in ("turns", "ratings", "gold_pairs", "preference_pairs")}
+        assert names == {f"{t}.{fmt}" for t in ("turns", "ratings", "gold_pairs", "preference_pairs", "pairwise")}
     with pytest.raises(gr.Error, match="clinician"):
         insights.export("csv", req("cara"))
     with pytest.raises(gr.Error, match="format"):
