@@ -116,6 +116,10 @@ def backup_pusher(args: argparse.Namespace, settings, environ: dict | None = Non
 def create(argv: list[str] | None = None):
     """(demo, launch kwargs) from command-line arguments: what `main` and the Spaces app.py serve."""
     space = prepare()  # before torch is imported
+    # OpenMP reads this once, when torch starts. Spinning worker threads stall the prompt's encoding 5-20x
+    # on cores other processes share (a Space, a clinic's VM; docs/serving.md); waiting passively costs
+    # little on a dedicated machine. Set OMP_WAIT_POLICY=ACTIVE to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from core import compat
     from core.config import Settings, parse_cli
     from core.errors import DermaLoopError
