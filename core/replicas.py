@@ -93,7 +93,18 @@ FAMILIES["llava_onevision"] = dict(
     processor={"num_image_tokens": 4},
 )
 FAMILIES["smolvlm"] = FAMILIES["idefics3"]
-FAMILIES["qwen3_vl"] = FAMILIES["qwen2_5_vl"]
+FAMILIES["qwen3_vl"] = dict(
+    token_keys={"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+    stop=["<|im_end|>", "<|endoftext|>"],
+    extra_tokens=["<|endoftext|>"],
+    # deepstack taps must name vision layers that exist; position embeddings stay a square grid (4x4)
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[0, 1],
+                num_position_embeddings=16),
+    preprocessor={"size": {"longest_edge": 4 * 1024, "shortest_edge": 1024}},  # 1 to 4 merged 32x32 patches per image
+    processor={},
+    text={"rope_scaling": {"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"}},  # sums to head_dim / 2
+)
 
 
 def fixture_names(root: Path = FIXTURES) -> list[str]:
@@ -178,7 +189,8 @@ def build_replica(family: str, out_dir: str | Path, *, fixtures: Path = FIXTURES
         stage = Path(tmp)
         tokenizer.save_pretrained(stage)
         shutil.copy(src / "chat_template.jinja", stage / "chat_template.jinja")
-        for name, changes in (("preprocessor_config.json", spec["preprocessor"]), ("processor_config.json", spec["processor"])):
+        for name, changes in (("preprocessor_config.json", spec["preprocessor"]), ("processor_config.json", spec["processor"]),
+                              ("video_preprocessor_config.json", {})):  # Qwen3-VL's processor needs its video settings
             data = _read(src / name)
             if data:
                 (stage / name).write_text(json.dumps({**data, **changes}, indent=2))

@@ -32,11 +32,11 @@ from conftest import draw_lesion
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 # Their processors cannot be built without torchvision (a video processor is part of them).
-NEEDS_TORCHVISION = ["smolvlm2", "qwen2_5_vl", "llava_onevision"]
+NEEDS_TORCHVISION = ["smolvlm2", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 FAMILIES = ["smolvlm", "llava15", "gemma3", "mllama"] + (NEEDS_TORCHVISION if HAS_TORCHVISION else [])
 # The token that closes an assistant turn in each published template, which refine must train.
 STOP = {"smolvlm": "<end_of_utterance>", "smolvlm2": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
-        "qwen2_5_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
+        "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -133,7 +133,7 @@ def test_refine_trains_answer_and_the_templates_stop_marker_in_family_batches(re
         assert batch["pixel_values"].shape[0] == 3
     if "image_sizes" in batch:  # LLaVA-OneVision: tiles padded to the most any image has, sizes kept to unpad
         assert batch["image_sizes"].shape == (3, 2)
-    if "image_grid_thw" in batch:  # Qwen2.5-VL: every image's patches one after another, one grid row each
+    if "image_grid_thw" in batch:  # Qwen2.5-VL, Qwen3-VL: every image's patches one after another, one grid row each
         assert batch["image_grid_thw"].shape == (3, 3)
         assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
 
