@@ -1,8 +1,10 @@
 """Refine training throughput and peak memory: our loop against TRL's SFTTrainer, same run.
 
     python -m bench.refine [--steps 60] [--batch-size 8] [--examples 48] [--device cpu|cuda]
+    python -m bench.refine --real-dims      # SmolVLM-256M-Instruct's dimensions, random weights (8 steps of 4)
 
-Same tiny SmolVLM model, same phantom examples (prompt = the engine's messages,
+Same model (tiny, or with --real-dims a replica of SmolVLM-256M-Instruct at its published
+dimensions and vocabulary: core.replicas; one 512 px tile per image, as on CPU), same phantom examples (prompt = the engine's messages,
 completion = the answer, loss on the completion only), same LoRA config, learning
 rate, batch size and number of steps. Each trainer runs in its own subprocess so
 peak memory (max RSS on CPU, max allocated on CUDA) is its own. Prints examples/s,
@@ -144,14 +146,19 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--examples", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, help="default 60 (tiny), 8 (--real-dims)")
+    p.add_argument("--batch-size", type=int, help="default 8 (tiny), 4 (--real-dims)")
+    p.add_argument("--examples", type=int, help="default 48 (tiny), 16 (--real-dims)")
+    p.add_argument("--lr", type=float, help="default 2e-3 (tiny), 2e-4 (--real-dims)")
+    p.add_argument("--real-dims", action="store_true", help="SmolVLM-256M-Instruct's dimensions instead of the tiny model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # per-step overhead dominates the tiny model; at real dimensions a few steps already take minutes on CPU
+    for name, tiny, real in (("steps", 60, 8), ("batch_size", 8, 4), ("examples", 48, 16), ("lr", 2e-3, 2e-4)):
+        if getattr(args, name) is None:
+            setattr(args, name, real if args.real_dims else tiny)
     if args.worker:
         fn = run_ours if args.worker == "ours" else run_trl
         print("RESULT " + json.dumps(fn(args.model_dir, args)), flush=True)
@@ -160,7 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     from training.demo_model import phantom_texts
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "tiny", extra_texts=phantom_texts())
+        if args.real_dims:
+            from core.replicas import build_replica
+
+            model_dir = build_replica("smolvlm", Path(tmp) / "smolvlm-256m", real_dims=True)
+        else:
+            model_dir = build_tiny_model(Path(tmp) / "tiny", extra_texts=phantom_texts())
         results = {}
         for worker in ("ours", "trl"):
             cmd = [sys.executable, "-m", "bench.refine", "--worker", worker, "--model-dir", str(model_dir),
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{worker} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
             results[worker] = json.loads(line[7:])
     o, t = results["ours"], results["trl"]
-    print(f"refine bench: {args.steps} steps x batch {args.batch_size}, tiny SmolVLM, LoRA r16 (attention + MLP) + lm_head, device {args.device}")
+    model = "SmolVLM-256M-Instruct's dimensions (random weights)" if args.real_dims else "tiny SmolVLM"
+    print(f"refine bench: {args.steps} steps x batch {args.batch_size}, {model}, LoRA r16 (attention + MLP) + lm_head, device {args.device}")
     for name, r in results.items():
         print(f"  {name:<5} {r['examples_per_s']:8.1f} examples/s  peak {r['peak_mb']:8.1f} MB  "
               f"final training loss {r['final_loss']:.4f} (as logged)  answer-token loss after training {r['eval_loss']:.4f}")

@@ -210,3 +210,13 @@ def test_gpu_loading_options_say_what_is_missing(tiny_model_dir):
         load_model(tiny_model_dir, device="cpu", device_map="balanced")
     loaded = load_model(tiny_model_dir, device="cpu", device_map="auto")  # accelerate places it (on the CPU here)
     assert loaded.model.device.type == "cpu"
+
+
+def test_real_dimension_replicas_have_the_published_parameter_counts():
+    """The fixtures' configs at full size (bench.engine --family builds them) match the sizes the model cards state."""
+    from core.replicas import replica_parameters
+
+    published = {"smolvlm": 0.256e9, "smolvlm2": 0.256e9, "llava_onevision": 0.894e9, "qwen2_5_vl": 3.75e9,
+                 "qwen3_vl": 4.44e9, "gemma3": 4.30e9, "llava15": 7.06e9, "mllama": 10.7e9}
+    counts = {family: replica_parameters(family) for family in published}  # on the meta device: no memory, no time
+    assert counts == {f: pytest.approx(n, rel=0.01) for f, n in published.items()}
