@@ -2,6 +2,7 @@
 
     python -m bench.engine            # SmolVLM-256M's real dimensions, random weights (~3 min on 2 cores)
     python -m bench.engine --quick    # the tiny test model (seconds)
+    python -m bench.engine --family NAME|all   # a model family at its published dimensions (bench/families.py)
 
 (a) `Engine.answer` against the same prompt run by hand (chat template, processor,
     `model.generate`, decode), interleaved, median of repeats: ratio = ours / raw
@@ -152,9 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-only", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # the child run of (c)
+    parser.add_argument("--family", help="a family of tests/fixtures/families (or all): prompt tokens, TTFT, tokens/s")
+    parser.add_argument("--max-params", type=float, default=1.0e9, help="with --family: larger replicas are not run")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     image = _lesion((1536, 1152))
+    if args.family:
+        from bench.families import run
+
+        run(args.family, image, new_tokens=args.new_tokens, repeats=args.repeats, max_params=args.max_params)
+        return
     if args.decode_only:
         print(json.dumps(decode_variants(args.decode_only, image, args.new_tokens, args.repeats, only_default=True)))
         return

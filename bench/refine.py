@@ -1,11 +1,15 @@
 """Refine training throughput and peak memory: our loop against TRL's SFTTrainer, same run.
 
     python -m bench.refine [--steps 60] [--batch-size 8] [--examples 48] [--device cpu|cuda]
+    python -m bench.refine --real-dims      # SmolVLM-256M-Instruct's dimensions, random weights (8 steps of 4)
 
-Same tiny SmolVLM model, same phantom examples (prompt = the engine's messages,
+Same model (tiny, or with --real-dims a replica of SmolVLM-256M-Instruct at its published
+dimensions and vocabulary: core.replicas; one 512 px tile per image, as on CPU), same phantom examples (prompt = the engine's messages,
 completion = the answer, loss on the completion only), same LoRA config, learning
 rate, batch size and number of steps. Each trainer runs in its own subprocess so
-peak memory (max RSS on CPU, max allocated on CUDA) is its own. Prints examples/s,
+peak memory (max RSS on CPU, max allocated on CUDA) is its own. Gradient checkpointing
+is set alike in both (`--gradient-checkpointing`, default off; TRL's SFTConfig turns it
+on by default, which costs it time and saves it memory). Prints examples/s,
 peak memory and final loss of both, and the ratios ours / TRL (target: >= 1.0
 throughput, final loss no worse). Figures, not pass/fail.
 """
@@ -76,14 +80,15 @@ def run_ours(model_dir: str, args: argparse.Namespace) -> dict:
     from core.config import Settings
     from core.engine import Engine
     from core.models import load_model
-    from training.refine.lora import attach_lora
+    from training.refine.lora import attach_lora, prepare_for_training
     from training.refine.train import LoopConfig, train
 
     torch.manual_seed(0)
     loaded = load_model(model_dir, device=args.device, dtype="float32")
     engine = Engine(loaded, Settings())
     feats = _features(engine, args.examples)
-    model = attach_lora(loaded.model, targets=TARGETS, r=16, alpha=32, dropout=0.0, modules_to_save=("lm_head",))
+    base = prepare_for_training(loaded.model, quantized=False, gradient_checkpointing=args.gradient_checkpointing == "on")
+    model = attach_lora(base, targets=TARGETS, r=16, alpha=32, dropout=0.0, modules_to_save=("lm_head",))
     cfg = LoopConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=1, learning_rate=args.lr, warmup_ratio=0.0,
                      weight_decay=0.0, max_grad_norm=1.0, seed=0, save_steps=0, keep_checkpoints=1)
     acc = Accelerator(cpu=args.device == "cpu")
@@ -127,7 +132,8 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
     cfg = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
                     lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu", seed=0, completion_only_loss=True,
-                    disable_tqdm=True, dataloader_num_workers=0, max_length=None)
+                    disable_tqdm=True, dataloader_num_workers=0, max_length=None,
+                    gradient_checkpointing=args.gradient_checkpointing == "on")  # TRL's default is on: set alike
     trainer = SFTTrainer(model=loaded.model, args=cfg, train_dataset=Dataset.from_dict(rows), processing_class=loaded.processor,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=["lm_head"]),
                          callbacks=[Keep()])
@@ -144,14 +150,21 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--examples", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, help="default 60 (tiny), 8 (--real-dims)")
+    p.add_argument("--batch-size", type=int, help="default 8 (tiny), 4 (--real-dims)")
+    p.add_argument("--examples", type=int, help="default 48 (tiny), 16 (--real-dims)")
+    p.add_argument("--lr", type=float, help="default 2e-3 (tiny), 2e-4 (--real-dims)")
+    p.add_argument("--real-dims", action="store_true", help="SmolVLM-256M-Instruct's dimensions instead of the tiny model")
+    p.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off",
+                   help="in both trainers alike (TRL's own default is on, ours off)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # per-step overhead dominates the tiny model; at real dimensions a few steps already take minutes on CPU
+    for name, tiny, real in (("steps", 60, 8), ("batch_size", 8, 4), ("examples", 48, 16), ("lr", 2e-3, 2e-4)):
+        if getattr(args, name) is None:
+            setattr(args, name, real if args.real_dims else tiny)
     if args.worker:
         fn = run_ours if args.worker == "ours" else run_trl
         print("RESULT " + json.dumps(fn(args.model_dir, args)), flush=True)
@@ -160,12 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     from training.demo_model import phantom_texts
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "tiny", extra_texts=phantom_texts())
+        if args.real_dims:
+            from core.replicas import build_replica
+
+            model_dir = build_replica("smolvlm", Path(tmp) / "smolvlm-256m", real_dims=True)
+        else:
+            model_dir = build_tiny_model(Path(tmp) / "tiny", extra_texts=phantom_texts())
         results = {}
         for worker in ("ours", "trl"):
             cmd = [sys.executable, "-m", "bench.refine", "--worker", worker, "--model-dir", str(model_dir),
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--examples", str(args.examples),
-                   "--lr", str(args.lr), "--device", args.device]
+                   "--lr", str(args.lr), "--device", args.device, "--gradient-checkpointing", args.gradient_checkpointing]
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -173,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{worker} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
             results[worker] = json.loads(line[7:])
     o, t = results["ours"], results["trl"]
-    print(f"refine bench: {args.steps} steps x batch {args.batch_size}, tiny SmolVLM, LoRA r16 (attention + MLP) + lm_head, device {args.device}")
+    model = "SmolVLM-256M-Instruct's dimensions (random weights)" if args.real_dims else "tiny SmolVLM"
+    print(f"refine bench: {args.steps} steps x batch {args.batch_size}, {model}, LoRA r16 (attention + MLP) + lm_head, device {args.device}, "
+          f"gradient checkpointing {args.gradient_checkpointing} in both")
     for name, r in results.items():
-        print(f"  {name:<5} {r['examples_per_s']:8.1f} examples/s  peak {r['peak_mb']:8.1f} MB  "
+        print(f"  {name:<5} {r['examples_per_s']:8.3f} examples/s  peak {r['peak_mb']:8.1f} MB  "
               f"final training loss {r['final_loss']:.4f} (as logged)  answer-token loss after training {r['eval_loss']:.4f}")
     print(f"  ratio ours/TRL: throughput {o['examples_per_s'] / t['examples_per_s']:.2f}x (target >= 1.0), "
           f"peak memory {o['peak_mb'] / t['peak_mb']:.2f}x, answer-token loss {o['eval_loss']:.4f} vs {t['eval_loss']:.4f} "

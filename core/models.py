@@ -55,7 +55,7 @@ def resolve_device(device: str = "auto") -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.split(":")[0] == "cuda" else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -98,6 +98,7 @@ def load_model(
     off unless asked for, since that code runs with the user's rights. `quantize="4bit"`
     loads the weights in 4-bit NF4 (bitsandbytes, CUDA only; QLoRA refine trains on it);
     `device_map="auto"` spreads a model larger than one GPU over all of them (accelerate).
+    `device` may name a GPU ("cuda:1", as accelerate does per process).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -122,8 +123,8 @@ def load_model(
         if device_map != "auto":
             raise ModelLoadError(f"device_map must be auto or empty, not {device_map!r}")
         extra["device_map"] = "auto"
-    elif quantize:
-        extra["device_map"] = {"": 0}  # bitsandbytes places the quantized weights itself
+    elif quantize:  # bitsandbytes places the quantized weights itself, on this process's GPU
+        extra["device_map"] = {"": torch.device(device).index or 0}
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, local_files_only=local,
@@ -159,13 +160,13 @@ def quantization_config(quantize: str, device: str, compute_dtype: torch.dtype) 
     """bitsandbytes' 4-bit NF4 settings (double quantization, computing in `compute_dtype`), or a clear refusal."""
     if quantize != "4bit":
         raise ModelLoadError(f"quantize must be 4bit or empty, not {quantize!r}")
-    if device != "cuda":
+    if device.split(":")[0] != "cuda":
         raise ModelLoadError(f"4-bit loading needs a CUDA GPU (bitsandbytes); this run uses {device}: drop --quantize")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("4-bit loading needs bitsandbytes, which is not installed: pip install -e '.[gpu]' "
-                             "(or pip install bitsandbytes)")
+        raise ModelLoadError("4-bit loading needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                             "(on the CUDA machine)")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

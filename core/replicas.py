@@ -1,6 +1,6 @@
 """Tiny replicas of published VLM checkpoints, built offline from their real files.
 
-    python -m core.replicas FAMILY OUT_DIR [--fixtures tests/fixtures/families] [--seed 0]
+    python -m core.replicas FAMILY OUT_DIR [--fixtures tests/fixtures/families] [--seed 0] [--real-dims]
 
 A fixture folder (tests/fixtures/families/<family>/, see its SOURCE.md) holds the
 published checkpoint's config.json, preprocessor/processor config, chat template,
@@ -93,7 +93,18 @@ FAMILIES["llava_onevision"] = dict(
     processor={"num_image_tokens": 4},
 )
 FAMILIES["smolvlm"] = FAMILIES["idefics3"]
-FAMILIES["qwen3_vl"] = FAMILIES["qwen2_5_vl"]
+FAMILIES["qwen3_vl"] = dict(
+    token_keys={"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+    stop=["<|im_end|>", "<|endoftext|>"],
+    extra_tokens=["<|endoftext|>"],
+    # deepstack taps must name vision layers that exist; position embeddings stay a square grid (4x4)
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[0, 1],
+                num_position_embeddings=16),
+    preprocessor={"size": {"longest_edge": 4 * 1024, "shortest_edge": 1024}},  # 1 to 4 merged 32x32 patches per image
+    processor={},
+    text={"rope_scaling": {"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"}},  # sums to head_dim / 2
+)
 
 
 def fixture_names(root: Path = FIXTURES) -> list[str]:
@@ -138,22 +149,30 @@ def build_tokenizer(smap: dict, extra_tokens: list[str]):
                                    model_max_length=_TEXT["max_position_embeddings"], **kwargs)
 
 
-def _shrink(cfg: dict, spec: dict, tokenizer) -> dict:
+def _shrink(cfg: dict, spec: dict, tokenizer, *, real_dims: bool = False) -> dict:
+    """The published config with the token ids remapped to the offline tokenizer's; shrunk unless `real_dims`.
+
+    With `real_dims` every dimension stays as published, the vocabulary size included (the
+    offline tokenizer's ids all fall inside it), so the embedding and output layers have
+    their real size: what a benchmark at real dimensions needs.
+    """
     cfg = copy.deepcopy(cfg)
     text = cfg.get("text_config", cfg)  # Qwen2.5-VL keeps its text settings at the top level
-    text.update(_TEXT, vocab_size=len(tokenizer), **spec.get("text", {}))
-    for key in [k for k, v in text.items() if v is None]:
-        del text[key]  # a None in the spec means: let the config class derive it
+    if not real_dims:
+        text.update(_TEXT, vocab_size=len(tokenizer), **spec.get("text", {}))
+        for key in [k for k, v in text.items() if v is None]:
+            del text[key]  # a None in the spec means: let the config class derive it
     if tokenizer.pad_token_id is not None:
         text["pad_token_id"] = tokenizer.pad_token_id
     for key, tid in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
         text.pop(key, None)
         if tid is not None and text is not cfg:
             text[key] = tid
-    if "vocab_size" in cfg and cfg is not text:
-        cfg["vocab_size"] = len(tokenizer)
-    cfg["vision_config"].update(spec["vision"])
-    cfg.update(spec.get("top", {}))
+    if not real_dims:
+        if "vocab_size" in cfg and cfg is not text:
+            cfg["vocab_size"] = len(tokenizer)
+        cfg["vision_config"].update(spec["vision"])
+        cfg.update(spec.get("top", {}))
     for key, token in spec["token_keys"].items():
         cfg[key] = tokenizer.convert_tokens_to_ids(token)
     for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -161,29 +180,55 @@ def _shrink(cfg: dict, spec: dict, tokenizer) -> dict:
     return cfg
 
 
-def build_replica(family: str, out_dir: str | Path, *, fixtures: Path = FIXTURES, seed: int = 0) -> Path:
-    """Build, save and return a tiny random replica of the checkpoint in `fixtures/family`."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
+def _parts(family: str, fixtures: Path, real_dims: bool) -> tuple[Path, dict, Any, dict]:
+    """(fixture folder, family spec, offline tokenizer, model config dict) of a replica."""
     src = Path(fixtures) / family
     cfg = _read(src / "config.json")
     if "auto_map" in cfg:
         raise ValueError(f"{family} runs its own code from the hub (auto_map); no offline replica can be built")
     spec = FAMILIES[cfg["model_type"]]
-    torch.manual_seed(seed)
     tokenizer = build_tokenizer(_read(src / "special_tokens_map.json"), spec["extra_tokens"])
+    return src, spec, tokenizer, _shrink(cfg, spec, tokenizer, real_dims=real_dims)
+
+
+def build_processor(family: str, out_dir: str | Path, *, fixtures: Path = FIXTURES, real_dims: bool = False) -> Any:
+    """The replica's processor (published files, offline tokenizer), saved in `out_dir` and returned."""
+    from transformers import AutoProcessor
+
+    src, spec, tokenizer, _ = _parts(family, fixtures, real_dims)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    shutil.copy(src / "chat_template.jinja", out / "chat_template.jinja")
+    for name, changes in (("preprocessor_config.json", spec["preprocessor"]), ("processor_config.json", spec["processor"]),
+                          ("video_preprocessor_config.json", {})):  # Qwen3-VL's processor needs its video settings
+        data = _read(src / name)
+        if data:
+            (out / name).write_text(json.dumps({**data, **({} if real_dims else changes)}, indent=2))
+    return AutoProcessor.from_pretrained(out, local_files_only=True)
+
+
+def replica_parameters(family: str, *, fixtures: Path = FIXTURES, real_dims: bool = True) -> int:
+    """Parameters of the replica, counted on the meta device (no memory, no time): to decide before building."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    _, _, _, model_cfg = _parts(family, fixtures, real_dims)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**model_cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_replica(family: str, out_dir: str | Path, *, fixtures: Path = FIXTURES, seed: int = 0, real_dims: bool = False) -> Path:
+    """Build, save and return a random replica of the checkpoint in `fixtures/family`: tiny, or with
+    `real_dims` at the published dimensions and image budget (for benchmarks; minutes and GBs)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    src, spec, tokenizer, model_cfg = _parts(family, fixtures, real_dims)
+    torch.manual_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp)
-        tokenizer.save_pretrained(stage)
-        shutil.copy(src / "chat_template.jinja", stage / "chat_template.jinja")
-        for name, changes in (("preprocessor_config.json", spec["preprocessor"]), ("processor_config.json", spec["processor"])):
-            data = _read(src / name)
-            if data:
-                (stage / name).write_text(json.dumps({**data, **changes}, indent=2))
-        processor = AutoProcessor.from_pretrained(stage, local_files_only=True)
-    model_cfg = _shrink(cfg, spec, tokenizer)
+        processor = build_processor(family, tmp, fixtures=fixtures, real_dims=real_dims)
     config = AutoConfig.for_model(**model_cfg)
     model = AutoModelForImageTextToText.from_config(config)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in spec["stop"]]
@@ -193,7 +238,8 @@ def build_replica(family: str, out_dir: str | Path, *, fixtures: Path = FIXTURES
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "REPLICA.json").write_text(json.dumps({"family": family, "source": (src / "SOURCE.md").read_text().splitlines()[0]
-                                                  if (src / "SOURCE.md").exists() else family, "seed": seed}, indent=2))
+                                                  if (src / "SOURCE.md").exists() else family, "seed": seed,
+                                                  "real_dims": real_dims}, indent=2))
     return out
 
 
@@ -203,8 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real-dims", action="store_true", help="keep the published dimensions (random weights)")
     args = parser.parse_args(argv)
-    print(build_replica(args.family, args.out_dir, fixtures=args.fixtures, seed=args.seed))
+    print(build_replica(args.family, args.out_dir, fixtures=args.fixtures, seed=args.seed, real_dims=args.real_dims))
 
 
 if __name__ == "__main__":

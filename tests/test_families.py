@@ -32,11 +32,11 @@ from conftest import draw_lesion
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 # Their processors cannot be built without torchvision (a video processor is part of them).
-NEEDS_TORCHVISION = ["smolvlm2", "qwen2_5_vl", "llava_onevision"]
+NEEDS_TORCHVISION = ["smolvlm2", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 FAMILIES = ["smolvlm", "llava15", "gemma3", "mllama"] + (NEEDS_TORCHVISION if HAS_TORCHVISION else [])
 # The token that closes an assistant turn in each published template, which refine must train.
 STOP = {"smolvlm": "<end_of_utterance>", "smolvlm2": "<end_of_utterance>", "llava15": "</s>", "gemma3": "<end_of_turn>", "mllama": "<|eot_id|>",
-        "qwen2_5_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
+        "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -133,7 +133,7 @@ def test_refine_trains_answer_and_the_templates_stop_marker_in_family_batches(re
         assert batch["pixel_values"].shape[0] == 3
     if "image_sizes" in batch:  # LLaVA-OneVision: tiles padded to the most any image has, sizes kept to unpad
         assert batch["image_sizes"].shape == (3, 2)
-    if "image_grid_thw" in batch:  # Qwen2.5-VL: every image's patches one after another, one grid row each
+    if "image_grid_thw" in batch:  # Qwen2.5-VL, Qwen3-VL: every image's patches one after another, one grid row each
         assert batch["image_grid_thw"].shape == (3, 3)
         assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
 
@@ -210,3 +210,13 @@ def test_gpu_loading_options_say_what_is_missing(tiny_model_dir):
         load_model(tiny_model_dir, device="cpu", device_map="balanced")
     loaded = load_model(tiny_model_dir, device="cpu", device_map="auto")  # accelerate places it (on the CPU here)
     assert loaded.model.device.type == "cpu"
+
+
+def test_real_dimension_replicas_have_the_published_parameter_counts():
+    """The fixtures' configs at full size (bench.engine --family builds them) match the sizes the model cards state."""
+    from core.replicas import replica_parameters
+
+    published = {"smolvlm": 0.256e9, "smolvlm2": 0.256e9, "llava_onevision": 0.894e9, "qwen2_5_vl": 3.75e9,
+                 "qwen3_vl": 4.44e9, "gemma3": 4.30e9, "llava15": 7.06e9, "mllama": 10.7e9}
+    counts = {family: replica_parameters(family) for family in published}  # on the meta device: no memory, no time
+    assert counts == {f: pytest.approx(n, rel=0.01) for f, n in published.items()}

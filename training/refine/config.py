@@ -46,6 +46,9 @@ class RefineConfig:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head", "Linear leaf names that get LoRA")
     lora_vision: bool = opt(False, "also adapt the vision tower's matching layers")
     modules_to_save: str = opt("", "modules trained in full and saved with the adapter (comma-separated)")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass: less memory for more time "
+                                              "(auto: on with --quantize 4bit, the QLoRA recipe; off otherwise)",
+                                      choices=("auto", "on", "off"))
     # optimisation
     steps: int = opt(0, "optimizer steps; 0 = from --epochs", minimum=0)
     epochs: float = opt(3.0, "passes over the training examples when --steps is 0", minimum=1e-9)

@@ -83,6 +83,27 @@ def attach_lora(
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
+def prepare_for_training(model: torch.nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Get a base ready for LoRA: QLoRA's preparation on a 4-bit base, checkpointing where asked.
+
+    On a 4-bit base, peft's `prepare_model_for_kbit_training` freezes the base, keeps the
+    layers that stay unquantized (norms, embeddings) in float32 for stable gradients, and
+    makes the input embeddings' output require grad so checkpointed blocks see a gradient.
+    Non-reentrant checkpointing replays the same dropout masks (it restores the RNG), so
+    the loss curve equals the one without it; only memory and time change.
+    """
+    kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=kwargs)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+    return model
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors (LoRA weights and modules_to_save copies), detached on CPU."""
     return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -76,7 +76,8 @@ def evaluate_candidate(settings: Settings, cfg: RefineConfig, run: RunPlan, plan
     def engine_for(base: str) -> Engine:
         if base not in engines:
             engines[base] = Engine(load_model(base, device=device, dtype=settings.dtype, image_splitting=settings.image_splitting,
-                                              longest_edge=settings.longest_edge), settings)
+                                              longest_edge=settings.longest_edge, trust_remote_code=settings.trust_remote_code,
+                                              quantize=settings.quantize, device_map=settings.device_map), settings)
         return engines[base]
 
     active_name = active_info["name"] if active_info else "base"

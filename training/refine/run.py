@@ -163,6 +163,11 @@ def run_refine(
     if mp == "auto":
         mp = "bf16" if (torch.cuda.is_available() and not cpu) else "no"
     accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+    if settings.quantize and not dry_run:
+        from core.models import quantization_config
+
+        # Before the lock and the run record: a run that cannot load its base must leave nothing behind.
+        quantization_config(settings.quantize, accelerator.device.type, torch.bfloat16)
     main = accelerator.is_main_process
     payload: list[Any] = [None]
     db = _open_store(settings) if main else None
@@ -316,17 +321,20 @@ def _train(accelerator: Any, settings: Settings, cfg: RefineConfig, run: RunPlan
     from core.models import load_model
     from training.refine.collate import encode, supervised_turns
     from training.refine.data import DataPlan
-    from training.refine.lora import attach_lora, save_adapter
+    from training.refine.lora import attach_lora, prepare_for_training, save_adapter
     from training.refine.train import train
 
     torch.manual_seed(cfg.seed)
     plan = DataPlan.from_json((run_dir / "data.json").read_text(encoding="utf-8"))
     loaded = load_model(run.base, device=str(accelerator.device), dtype=settings.dtype,
-                        image_splitting=settings.image_splitting, longest_edge=settings.longest_edge)
+                        image_splitting=settings.image_splitting, longest_edge=settings.longest_edge,
+                        trust_remote_code=settings.trust_remote_code, quantize=settings.quantize, device_map=settings.device_map)
     engine = Engine(loaded, settings)  # for the prompt text only: training text is what the engine asks
     targets = [t for t in cfg.lora_targets.split(",") if t and not (cfg.method == "dpo" and t == "lm_head")]
+    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and bool(settings.quantize))
+    base = prepare_for_training(loaded.model, quantized=bool(settings.quantize), gradient_checkpointing=checkpointing)
     model = attach_lora(
-        loaded.model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        base, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         vision=cfg.lora_vision, modules_to_save=[m for m in cfg.modules_to_save.split(",") if m], init_from=run.init_from,
     )
     pad_id = loaded.processor.tokenizer.pad_token_id
