@@ -108,7 +108,7 @@ class Settings:
                                           "loop, e.g. in local mode; off: experts review others' answers)")
     trust_remote_code: bool = opt(False, "let the model run its own code from its repository (moondream2 needs it); "
                                          "that code runs with your rights")
-    quantize: str = opt("", "4bit: load the weights in 4-bit NF4 (bitsandbytes, CUDA only), for inference", choices=("", "4bit"))
+    quantize: str = opt("", "4bit: load the weights in 4-bit NF4 (bitsandbytes, CUDA only), for answering and for QLoRA refine", choices=("", "4bit"))
     device_map: str = opt("", "auto: spread a model larger than one GPU over all GPUs (accelerate)", choices=("", "auto"))
     kv_cache_mb: int = opt(1024, "memory for the keys/values of live conversations, so follow-ups skip re-encoding "
                                  "(least recently used dropped first; 0: off)", minimum=0)
