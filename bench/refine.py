@@ -60,7 +60,7 @@ def eval_loss(model, feats, pad_id: int, device: str) -> float:
         for i in range(0, len(feats), 8):
             batch = {k: v.to(device) for k, v in collate(feats[i:i + 8], pad_id).items()}
             labels = batch.pop("labels")
-            total += float(_token_loss_sum(model(**batch).logits, labels))
+            total += float(_token_loss_sum(model(**batch, use_cache=False).logits, labels))
             tokens += int((labels[:, 1:] != -100).sum())
     return total / tokens
 
@@ -111,6 +111,7 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
     from core.engine import Engine
     from core.models import load_model
     from core.prompts import ChatTurn, build_messages
+    from training.refine.lora import resolve_targets
 
     torch.manual_seed(0)
     loaded = load_model(model_dir, device=args.device, dtype="float32")
@@ -128,6 +129,8 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    # the same modules as ours: given leaf names, peft would also adapt the vision tower's q/k/v
+    targets = resolve_targets(loaded.model, TARGETS)
     out = tempfile.mkdtemp(prefix="bench-trl-")
     cfg = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
                     lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
@@ -135,7 +138,7 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
                     disable_tqdm=True, dataloader_num_workers=0, max_length=None,
                     gradient_checkpointing=args.gradient_checkpointing == "on")  # TRL's default is on: set alike
     trainer = SFTTrainer(model=loaded.model, args=cfg, train_dataset=Dataset.from_dict(rows), processing_class=loaded.processor,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=["lm_head"]),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, modules_to_save=["lm_head"]),
                          callbacks=[Keep()])
     start = time.perf_counter()
     trainer.train()

@@ -180,7 +180,7 @@ def train(
             labels = batch.pop("labels")
             ctx = accelerator.no_sync(model) if m < cfg.grad_accum - 1 else _null()
             with ctx, accelerator.autocast():
-                logits = model(**batch).logits
+                logits = model(**batch, use_cache=False).logits  # a cache only costs time and memory in training
                 loss_sum = _token_loss_sum(logits, labels)
                 # DDP averages gradients over processes: scale so the result is the global token mean.
                 loss = loss_sum * world / max(1, total_tokens)
