@@ -9,7 +9,8 @@ completion = the answer, loss on the completion only), same LoRA config, learnin
 rate, batch size and number of steps. Each trainer runs in its own subprocess so
 peak memory (max RSS on CPU, max allocated on CUDA) is its own. Gradient checkpointing
 is set alike in both (`--gradient-checkpointing`, default off; TRL's SFTConfig turns it
-on by default, which costs it time and saves it memory). Prints examples/s,
+on by default, which costs it time and saves it memory), and so is precision (float32, or
+`--bf16` autocast in both: TRL 1.16's SFTConfig defaults to bf16 even on a CPU). Prints examples/s,
 peak memory and final loss of both, and the ratios ours / TRL (target: >= 1.0
 throughput, final loss no worse). Figures, not pass/fail.
 """
@@ -91,7 +92,7 @@ def run_ours(model_dir: str, args: argparse.Namespace) -> dict:
     model = attach_lora(base, targets=TARGETS, r=16, alpha=32, dropout=0.0, modules_to_save=("lm_head",))
     cfg = LoopConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=1, learning_rate=args.lr, warmup_ratio=0.0,
                      weight_decay=0.0, max_grad_norm=1.0, seed=0, save_steps=0, keep_checkpoints=1)
-    acc = Accelerator(cpu=args.device == "cpu")
+    acc = Accelerator(cpu=args.device == "cpu", mixed_precision="bf16" if args.bf16 else "no")
     start = time.perf_counter()  # preprocessing included, as TRL's collator does it inside the loop
     result = train(model, feats, cfg, accelerator=acc, pad_id=loaded.processor.tokenizer.pad_token_id, progress=False)
     total = time.perf_counter() - start
@@ -136,7 +137,8 @@ def run_trl(model_dir: str, args: argparse.Namespace) -> dict:
                     lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu", seed=0, completion_only_loss=True,
                     disable_tqdm=True, dataloader_num_workers=0, max_length=None,
-                    gradient_checkpointing=args.gradient_checkpointing == "on")  # TRL's default is on: set alike
+                    gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's default is on: set alike
+                    bf16=args.bf16)  # TRL's default is bf16 autocast, on a CPU too: set alike
     trainer = SFTTrainer(model=loaded.model, args=cfg, train_dataset=Dataset.from_dict(rows), processing_class=loaded.processor,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, modules_to_save=["lm_head"]),
                          callbacks=[Keep()])
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real-dims", action="store_true", help="SmolVLM-256M-Instruct's dimensions instead of the tiny model")
     p.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off",
                    help="in both trainers alike (TRL's own default is on, ours off)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in both trainers (TRL's own default; ours: --mixed-precision bf16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "bench.refine", "--worker", worker, "--model-dir", str(model_dir),
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--examples", str(args.examples),
                    "--lr", str(args.lr), "--device", args.device, "--gradient-checkpointing", args.gradient_checkpointing]
+            cmd += ["--bf16"] if args.bf16 else []
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     o, t = results["ours"], results["trl"]
     model = "SmolVLM-256M-Instruct's dimensions (random weights)" if args.real_dims else "tiny SmolVLM"
     print(f"refine bench: {args.steps} steps x batch {args.batch_size}, {model}, LoRA r16 (attention + MLP) + lm_head, device {args.device}, "
-          f"gradient checkpointing {args.gradient_checkpointing} in both")
+          f"gradient checkpointing {args.gradient_checkpointing} in both, {'bf16 autocast' if args.bf16 else 'float32'} in both")
     for name, r in results.items():
         print(f"  {name:<5} {r['examples_per_s']:8.3f} examples/s  peak {r['peak_mb']:8.1f} MB  "
               f"final training loss {r['final_loss']:.4f} (as logged)  answer-token loss after training {r['eval_loss']:.4f}")
