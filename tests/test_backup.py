@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -34,16 +36,10 @@ def live(dermaloop_home):
     st.dispose()
 
 
-def _rows(path):
-    con = sqlite3.connect(str(path))
-    try:
-        return (con.execute("SELECT id, turn_id, rater_id, score, comment FROM ratings ORDER BY id").fetchall(),
-                con.execute("SELECT sha256 FROM images ORDER BY id").fetchall())
-    finally:
-        con.close()
-
-
-def test_backup_while_writing_is_consistent_and_restores(live, dermaloop_home, tmp_path, capsys):
+@contextlib.contextmanager
+def rating_writer(live, at_least: int):
+    """An expert who keeps rating (as the app does) while the block runs; yields the list of ratings
+    committed so far, once it holds `at_least` of them. The writer stops when the block ends."""
     st, stop, written = live["store"], threading.Event(), []
 
     def writer():
@@ -57,16 +53,30 @@ def test_backup_while_writing_is_consistent_and_restores(live, dermaloop_home, t
     th = threading.Thread(target=writer, daemon=True)
     th.start()
     try:
-        while len(written) < 5:
+        while len(written) < at_least:
             stop.wait(0.01)
+        yield written
+    finally:
+        stop.set()
+        th.join(30)
+
+
+def _rows(path):
+    con = sqlite3.connect(str(path))
+    try:
+        return (con.execute("SELECT id, turn_id, rater_id, score, comment FROM ratings ORDER BY id").fetchall(),
+                con.execute("SELECT sha256 FROM images ORDER BY id").fetchall())
+    finally:
+        con.close()
+
+
+def test_backup_while_writing_is_consistent_and_restores(live, dermaloop_home, tmp_path, capsys):
+    with rating_writer(live, at_least=5) as written:
         out = tmp_path / "snap"
         assert run(["backup", str(out)]) == 0
         during = len(written)
         while len(written) < during + 3:  # the writer goes on after the snapshot
-            stop.wait(0.01)
-    finally:
-        stop.set()
-        th.join(30)
+            time.sleep(0.01)
     assert "snapshot at revision" in capsys.readouterr().out
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -197,25 +207,8 @@ def test_push_sends_a_consistent_snapshot_to_a_private_dataset_and_no_secret(liv
     from annotation_db.hub_backup import HubBackup
 
     hub = Hub(monkeypatch, tmp_path)
-    st, stop, written = live["store"], threading.Event(), []
-
-    def writer():  # the app keeps rating while the snapshot is taken
-        i = 0
-        while not stop.is_set():
-            with st.session() as s:
-                store.add_rating(s, live["turn"], live["expert"], 1 + i % 5, comment=f"pass {i}")
-            written.append(i)
-            i += 1
-
-    th = threading.Thread(target=writer, daemon=True)
-    th.start()
-    try:
-        while len(written) < 3:
-            stop.wait(0.01)
+    with rating_writer(live, at_least=3) as written:  # the app keeps rating while the snapshot is taken
         done = HubBackup(default_url(dermaloop_home), dermaloop_home / "images", "lab/dermaloop-backup", token=TOKEN).push()
-    finally:
-        stop.set()
-        th.join(30)
     assert hub.names() == ["create_repo", "repo_info", "list_repo_files", "upload_folder"]
     create = hub.calls[0]
     assert create[1] == ("lab/dermaloop-backup",) and create[2]["private"] is True and create[2]["repo_type"] == "dataset"
