@@ -8,6 +8,7 @@ Screenshots of each tab are saved under test-artifacts/.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -78,6 +79,21 @@ def open_tab(page, name: str) -> None:
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@contextlib.contextmanager
+def shots_on_failure(app: App, label: str):
+    """Run a browser flow against `app`: every open page is screenshotted if it fails, and the pages
+    are forgotten and the app closed either way."""
+    try:
+        yield
+    except Exception:
+        for i, p in enumerate(PAGES):
+            shot(p, f"failure-{label}-{i}")
+        raise
+    finally:
+        PAGES.clear()
+        app.close()
 
 
 def test_ask_rate_review_insights_and_roles(app, browser):

@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 import pytest
-from test_browser import EXAMPLE, PAGES, open_tab, shot, sign_in
+from test_browser import EXAMPLE, PAGES, open_tab, shot, shots_on_failure, sign_in
 
 from annotation_db import store as st
 from demo.auth import AuthConfig, add_user
@@ -55,7 +55,7 @@ def users(tmp_path: Path) -> AuthConfig:
 
 def test_paste_zoom_regenerate_follow_up_and_review_it_by_filter(browser, tiny_model_dir, tmp_path):
     app = App(tmp_path / "home", tiny_model_dir, auth=users(tmp_path), max_new_tokens=8)
-    try:
+    with shots_on_failure(app, "consult"):
         page = sign_in(browser, app, "cara")
         # -- paste two images (a drawn phantom and a dark, small photo): both become uploads, with thumbnails
         assert page.evaluate(PASTE, [png_b64(EXAMPLE.read_bytes()), png_b64(dark_small_png())])  # no text: paste handled
@@ -116,13 +116,6 @@ def test_paste_zoom_regenerate_follow_up_and_review_it_by_filter(browser, tiny_m
         expert.wait_for_function("document.querySelectorAll('#review-images img').length >= 2")
         assert "given with Q1 (Q1.2)" in expert.inner_text("#review-images")
         shot(expert, "review-filters-follow-up")
-    except Exception:
-        for i, p in enumerate(PAGES):
-            shot(p, f"failure-consult-{i}")
-        raise
-    finally:
-        PAGES.clear()
-        app.close()
 
 
 def test_insights_says_in_words_that_there_is_nothing_yet(browser, tiny_model_dir, tmp_path):

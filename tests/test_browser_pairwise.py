@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from gradio_client import Client, handle_file
-from test_browser import EXAMPLE, PAGES, open_tab, shot, sign_in
+from test_browser import EXAMPLE, open_tab, shot, shots_on_failure, sign_in
 
 from annotation_db import pairwise as pw
 from annotation_db import store as st
@@ -30,7 +30,7 @@ def test_compare_two_answers_by_keyboard(browser, tiny_model_dir, tmp_path):
     for name, role in (("max", "expert"), ("cara", "clinician")):
         add_user(users, name, role, f"{name}-password", rounds=4)
     app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users), max_new_tokens=6)
-    try:
+    with shots_on_failure(app, "pairwise"):
         cara = Client(app.url, auth=("cara", "cara-password"), verbose=False)
         cara.predict([handle_file(str(EXAMPLE))], "Which lesion is this?", "", "", api_name="/ask")
         with app.store.session() as s:
@@ -81,10 +81,3 @@ def test_compare_two_answers_by_keyboard(browser, tiny_model_dir, tmp_path):
         assert "0.00 to" in page.inner_text("#insights-pairwise-table") or "to 1.00" in page.inner_text("#insights-pairwise-table")
         assert "No refine run folders yet" in page.inner_text("#insights-run-note")
         shot(page, "pairwise-insights")
-    except Exception:
-        for i, p in enumerate(PAGES):
-            shot(p, f"failure-pairwise-{i}")
-        raise
-    finally:
-        PAGES.clear()
-        app.close()

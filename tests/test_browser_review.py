@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from gradio_client import Client, handle_file
-from test_browser import EXAMPLE, PAGES, open_tab, shot, sign_in
+from test_browser import EXAMPLE, open_tab, shot, shots_on_failure, sign_in
 
 from annotation_db import store as st
 from demo.auth import AuthConfig, add_user
@@ -30,7 +30,7 @@ def test_review_by_keyboard_and_erase_as_admin(browser, tiny_model_dir, tmp_path
     for name, role in (("max", "expert"), ("cara", "clinician"), ("ada", "admin")):
         add_user(users, name, role, f"{name}-password", rounds=4)
     app = App(tmp_path / "home", tiny_model_dir, auth=AuthConfig.from_file(users), max_new_tokens=6)
-    try:
+    with shots_on_failure(app, "review"):
         cara = Client(app.url, auth=("cara", "cara-password"), verbose=False)
         for i in range(3):
             cara.predict([handle_file(str(EXAMPLE))], f"Question {i}?", "", "", api_name="/ask")
@@ -79,10 +79,3 @@ def test_review_by_keyboard_and_erase_as_admin(browser, tiny_model_dir, tmp_path
         shot(admin, "review-erase")
         with app.store.session() as s:
             assert st.list_erasures(s)[0].conversation_id == 1
-    except Exception:
-        for i, p in enumerate(PAGES):
-            shot(p, f"failure-review-{i}")
-        raise
-    finally:
-        PAGES.clear()
-        app.close()
