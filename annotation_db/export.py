@@ -49,8 +49,7 @@ def turns_frame(s: Session) -> pd.DataFrame:
     images = _turn_images(s, df["conversation_id"].unique().tolist())
     df["image_hashes"] = [[h for q, h in images.get(c, []) if q == seq]
                           for c, seq in zip(df["conversation_id"], df["seq"])]
-    df["user_role"] = [getattr(r, "value", r) for r in df["user_role"]]
-    df["status"] = [getattr(t, "value", t) for t in df["status"]]
+    _enum_values(df, "user_role", "status")
     return df
 
 
@@ -71,8 +70,7 @@ def ratings_frame(s: Session) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["rating_id", "turn_id", "rater_id", "rater_role", "kind", "score",
                                      "correction", "diagnosis", "flags", "comment", "model_version",
                                      "created_at"])
-    df["rater_role"] = [getattr(r, "value", r) for r in df["rater_role"]]
-    df["kind"] = [getattr(k, "value", k) for k in df["kind"]]
+    _enum_values(df, "rater_role", "kind")
     df["effective"] = df["rating_id"].isin(latest)
     return df
 
@@ -100,8 +98,7 @@ def pairwise_frame(s: Session) -> pd.DataFrame:
                                      "context", "template", "candidate_version", "active_version",
                                      "candidate_answer", "active_answer", "rater_id", "rater_role",
                                      "shown_first", "choice", "winner", "correction", "comment", "created_at"])
-    for col in ("rater_role", "shown_first", "choice", "winner"):
-        df[col] = [getattr(v, "value", v) for v in df[col]]
+    _enum_values(df, "rater_role", "shown_first", "choice", "winner")
     df["effective"] = df["preference_id"].isin(latest)
     return df
 
@@ -122,6 +119,12 @@ def frames(s: Session) -> dict[str, pd.DataFrame]:
     gold, pref = gold_frames(s)
     return {"turns": turns_frame(s), "ratings": ratings_frame(s), "gold_pairs": gold,
             "preference_pairs": pref, "pairwise": pairwise_frame(s)}
+
+
+def _enum_values(df: pd.DataFrame, *cols: str) -> None:
+    """Enum members as their plain values (what every export format can hold)."""
+    for col in cols:
+        df[col] = [getattr(v, "value", v) for v in df[col]]
 
 
 def _iso(v) -> str | None:
