@@ -10,10 +10,12 @@
 (b) time to first token and tokens/s with image splitting off and on.
 (c) decode speed against the machine's limit: a bandwidth probe (a 1 GiB read, in this run)
     divided by the bytes of the language model's weights gives the tokens/s that memory allows;
-    each decoding variant (dynamic or static KV cache, threads, fp32 or bf16) is shown as a
-    fraction of that limit and as a ratio to the default, with whether its tokens equal the default's.
+    each decoding variant (dynamic or static KV cache, threads, the `cpu_decode` modes of core/decode.py,
+    fp32 or bf16) is shown as a fraction of that limit and as a ratio to the first row, with whether its
+    tokens equal the first row's and how long its first answer took (a compiled mode compiles there).
     `OMP_WAIT_POLICY=PASSIVE` is measured in a child process (OpenMP reads it once, at start).
-    The first row is the baseline (every thread decodes, as before `cpu_decode_threads`).
+    The first row is the baseline (the weights as loaded, every thread decoding, as before
+    `cpu_decode_threads` and `cpu_decode`).
 Machines here are noisy: read the ratios, not the seconds.
 """
 
@@ -111,40 +113,51 @@ def decode_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
-def decode_rate(engine: Engine, image: Image.Image, new_tokens: int, repeats: int, **generate_kw) -> tuple[float, str]:
-    """Tokens/s after the first token (the decode phase alone), median of `repeats`, and the answer."""
+def decode_rate(engine: Engine, image: Image.Image, new_tokens: int, repeats: int, **generate_kw) -> tuple[float, str, float]:
+    """Tokens/s after the first token (the decode phase alone), median of `repeats`, the answer, and the
+    seconds of the first (warm-up) answer, which includes any compile."""
     gen = GenerationSettings(max_new_tokens=new_tokens, repetition_penalty=1.0)
     engine._generate = lambda **kw: engine.model.generate(**kw, min_new_tokens=new_tokens, **generate_kw)
-    runs = [engine.answer([image], "Describe this lesion.", generation=gen) for _ in range(repeats + 1)][1:]
+    runs = [engine.answer([image], "Describe this lesion.", generation=gen) for _ in range(repeats + 1)]
     engine._generate = engine.model.generate
-    return statistics.median((new_tokens - 1) / (a.latency_s - a.ttft_s) for a in runs), runs[0].text
+    rate = statistics.median((new_tokens - 1) / (a.latency_s - a.ttft_s) for a in runs[1:])
+    return rate, runs[1].text, runs[0].latency_s
 
 
-def decode_variants(path: str, image: Image.Image, new_tokens: int, repeats: int, only_default: bool = False) -> list[dict]:
+def decode_variants(path: str, image: Image.Image, new_tokens: int, repeats: int, which: str = "all") -> list[dict]:
     """Decode tokens/s of each variant, and the bandwidth limit measured beside it. The first row is the
-    baseline: every torch thread for decoding (cpu_decode_threads=0), a dynamic KV cache, fp32."""
+    baseline: the weights as loaded, every torch thread decoding (cpu_decode_threads=0), a dynamic KV cache,
+    fp32. `which`: all; modes (float32 only: the baseline and each `cpu_decode` mode, core/decode.py);
+    baseline (its row alone)."""
+    only_default = which != "all"
     rows = []
+    threads = Settings.from_env().cpu_decode_threads
+    modes = [(f"{mode}{' (default)' if mode == Settings().cpu_decode else ''}, cpu_decode_threads={threads}", {}, {"cpu_decode": mode})
+             for mode in ("input-major", "compiled")]
     for dtype in ("float32",) if only_default else ("float32", "bfloat16"):
         loaded = load_model(path, device="cpu", dtype=dtype, image_splitting="off")
         limit = bandwidth_gbs() * 1e9 / decode_weight_bytes(loaded.model)
-        variants = [(f"default (cpu_decode_threads={Settings.from_env().cpu_decode_threads})", {}, {})]
-        if dtype == "float32" and not only_default:
-            variants = [(f"all {torch.get_num_threads()} threads (cpu_decode_threads=0)", {}, {"cpu_decode_threads": 0}),
-                        ("static cache, all threads", {"cache_implementation": "static"}, {"cpu_decode_threads": 0}), *variants]
-        for name, kw, overrides in variants:
+        variants = [(f"as loaded, cpu_decode_threads={threads}", {}, {"cpu_decode": "as-loaded"}), *modes]
+        if dtype == "float32":
+            every = {"cpu_decode": "as-loaded", "cpu_decode_threads": 0}
+            variants = [(f"as loaded, all {torch.get_num_threads()} threads (cpu_decode_threads=0)", {}, every),
+                        *([] if only_default else [("as loaded, static cache, all threads", {"cache_implementation": "static"}, every)]),
+                        *variants]
+        for name, kw, overrides in variants[:1] if which == "baseline" else variants:
             engine = Engine(loaded, Settings.from_env(**overrides))
-            rate, text = decode_rate(engine, image, new_tokens, repeats, **kw)
-            rows.append({"dtype": dtype, "variant": name, "tokens_per_s": rate, "limit": limit, "text": text})
+            rate, text, first_s = decode_rate(engine, image, new_tokens, repeats, **kw)
+            rows.append({"dtype": dtype, "variant": name, "tokens_per_s": rate, "limit": limit, "text": text, "first_s": first_s})
     return rows
 
 
 def print_decode(rows: list[dict], label: str = "(c)") -> None:
     base = rows[0]
     print(f"{label} decode speed vs the memory-bandwidth limit (bandwidth probe / language-model weight bytes)")
-    print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs first row | same tokens |\n|---|---|---|---|---|---|---|")
+    print("| dtype | variant | tokens/s | limit tokens/s | fraction of limit | vs first row | same tokens | first answer s (compile) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['limit']:.1f} | {r['tokens_per_s'] / r['limit']:.2f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['text'] == base['text']} |")
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['text'] == base['text']} | {r['first_s']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         run(args.family, image, new_tokens=args.new_tokens, repeats=args.repeats, max_params=args.max_params)
         return
     if args.decode_only:
-        print(json.dumps(decode_variants(args.decode_only, image, args.new_tokens, args.repeats, only_default=True)))
+        print(json.dumps(decode_variants(args.decode_only, image, args.new_tokens, args.repeats, which="baseline")))
         return
     with tempfile.TemporaryDirectory() as tmp:
         print("building", "the tiny model" if args.quick else "a random model with SmolVLM-256M-Instruct's dimensions", "...")
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         child = subprocess.run([sys.executable, "-m", "bench.engine", "--decode-only", str(path), "--new-tokens", str(args.new_tokens),
                                 "--repeats", str(args.repeats)], env=passive, capture_output=True, text=True, check=True)
         for r in json.loads(child.stdout.strip().splitlines()[-1]):
-            rows.append({**r, "variant": "all threads, OMP_WAIT_POLICY=PASSIVE"})
+            rows.append({**r, "variant": f"{r['variant']}, OMP_WAIT_POLICY=PASSIVE"})
         print_decode(rows)
         print()
         loaded = load_model(path, device="cpu", image_splitting="off")

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
             print()
         if not args.skip_decode:
-            print_decode(decode_variants(path, _lesion((1536, 1152)), args.new_tokens, repeats=3, only_default=True), "(d)")
+            print_decode(decode_variants(path, _lesion((1536, 1152)), args.new_tokens, repeats=3, which="modes"), "(d)")
 
 
 if __name__ == "__main__":

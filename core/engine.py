@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from core.config import GenerationSettings, Settings
+from core.decode import tune_for_cpu, uncompile_decode
 from core.errors import InputError, ModelLoadError
 from core.features import FEATURE_FAMILIES, FeatureCache
 from core.kv_cache import IMAGE_AXIS, ConversationCache, Reuse, fingerprint, processor_signature, slice_pixels
@@ -181,6 +182,7 @@ class Engine:
         self.features = FeatureCache(self.settings.feature_cache_mb * 2**20)
         self.features_supported = self.info.model_type in FEATURE_FAMILIES
         self._vision_adapters: set[str] = set()  # adapters that change the vision tower or connector (own features)
+        self._tuned_for: tuple[str, ...] | None = None  # the versions loaded when the CPU decode mode was applied
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
@@ -229,6 +231,8 @@ class Engine:
                 return
             raise InputError(f"version {name!r} is already loaded from another place")
         with self._lock:
+            uncompile_decode(self.model)  # peft copies modules as they are; `_activate` compiles again
+            self._tuned_for = None
             try:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, hotswap=False)
             except (OSError, ValueError, RuntimeError) as e:
@@ -258,6 +262,9 @@ class Engine:
 
     def _activate(self, name: str) -> None:
         """Point the model at `name` (called with the lock held)."""
+        if self._tuned_for != tuple(self._versions):  # adapters add layers: tune those too (core/decode.py)
+            tune_for_cpu(self.model, self.settings.cpu_decode)
+            self._tuned_for = tuple(self._versions)
         adapter = self._versions[name]
         if not getattr(self.model, "_hf_peft_config_loaded", False):
             assert adapter is None
@@ -336,6 +343,21 @@ class Engine:
                 self._activate(version)
             self._model_inputs(inputs, version)
         return self.features.stats.encoded - before
+
+    def warm_up(self) -> None:
+        """With `cpu_decode: compiled` on CPU, compile the decode step now, alone and batched, for the default
+        version (minutes on 2 cores; the app does it in the background at start), so no answer pays for it."""
+        if self.settings.cpu_decode != "compiled" or self.model.device.type != "cpu":
+            return
+        version, threads = self.default_version, self._decode_threads()
+        kwargs = {**self._generate_kwargs(GenerationSettings(max_new_tokens=3)), "min_new_tokens": 3}  # a decode step, at least
+        for rows in (1, 2):
+            inputs = self._encode([[ChatTurn("Hello.")]] * rows)
+            # As an answer runs: the prompt on all threads, the decode steps on `cpu_decode_threads`.
+            criteria = StoppingCriteriaList([_FirstToken([], (lambda: torch.set_num_threads(threads)) if threads else None)])
+            with self._lock, torch.inference_mode(), _restore_threads():
+                self._activate(version)
+                self._generate(**self._model_inputs(inputs, version), **kwargs, stopping_criteria=criteria)
 
     def _model_inputs(self, inputs: dict[str, Any], version: str, skip_rows: int = 0) -> dict[str, Any]:
         """What generate receives: the pixels replaced by the images' cached features where the family allows,

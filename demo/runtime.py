@@ -368,6 +368,9 @@ def attach(
     runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn, scheduler=scheduler,
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
     runtime.sync(force=True, strict=True)
+    if isinstance(engine, Engine) and settings.cpu_decode == "compiled":
+        log.info("compiling the decode step in the background (cpu_decode compiled); questions asked meanwhile wait for it")
+        threading.Thread(target=engine.warm_up, name="dermaloop-warm-up", daemon=True).start()
     return runtime
 
 

@@ -1,0 +1,154 @@
+"""CPU decode modes (core/decode.py): re-laid weights and the compiled decode step give the same answers.
+
+    python -m pytest -q -p no:cacheprovider tests/test_decode.py
+
+Speed is measured by `python -m bench.engine` (c), never here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from core.config import GenerationSettings, Settings
+from core.decode import _decode_linears, set_layout, tune_for_cpu
+from core.engine import Engine
+from core.models import load_model
+from core.prompts import ChatTurn
+
+from conftest import draw_lesion
+
+GEN = GenerationSettings(max_new_tokens=10, repetition_penalty=1.0)
+
+
+def _answers(engine: Engine, batch: bool = True) -> list[str]:
+    """Alone, a follow-up from the conversation cache, and batched (two rows): every decode path."""
+    img, other = draw_lesion(), draw_lesion((70, 90), colour=(60, 30, 30))
+    first = engine.answer([img], "What is this lesion?", generation=GEN, conversation="c")
+    follow = engine.answer([], "Is it dangerous?", history=[ChatTurn("What is this lesion?", first.text, [img])], generation=GEN,
+                           conversation="c")
+    rows = [ChatTurn("Describe it.", None, [img]), ChatTurn("Is this one benign?", None, [other])]
+    return [first.text, follow.text, *(a.text for a in (engine.answer_batch(rows, generation=GEN) if batch else []))]
+
+
+def _layouts(model) -> dict[str, bool]:
+    """Each linear weight's name -> whether it is stored input-major."""
+    return {name: not m.weight.is_contiguous() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_input_major_keeps_the_values_and_moves_only_what_a_decode_step_reads(tiny_model_dir):
+    model = load_model(tiny_model_dir).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decode = {id(m) for m in _decode_linears(model)}
+    moved = set_layout(model, True)
+    assert moved == len(decode) > 0
+    assert set_layout(model, True) == 0  # idempotent
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight
+            assert (w.t().is_contiguous() and not w.is_contiguous()) == (id(m) in decode), name
+            assert "vision" not in name or w.is_contiguous()  # the vision tower runs once per image: left as loaded
+    assert model.lm_head.weight.t().is_contiguous()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert set_layout(model, False) == moved
+    assert not any(_layouts(model).values())
+
+
+def test_a_head_tied_to_the_input_embeddings_is_left_as_loaded(tiny_model_dir):
+    model = load_model(tiny_model_dir).model
+    model.lm_head.weight = model.get_input_embeddings().weight  # as Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision do
+    set_layout(model, True)
+    assert model.lm_head.weight.is_contiguous() and model.get_input_embeddings().weight.is_contiguous()
+    assert not model.model.text_model.layers[0].mlp.down_proj.weight.is_contiguous()
+
+
+def test_the_engine_tunes_the_model_at_its_first_answer_not_before(tiny_model_dir):
+    """refine builds an Engine for prompt text and trains the same model: nothing may move until an answer."""
+    loaded = load_model(tiny_model_dir)
+    engine = Engine(loaded, Settings.from_env(max_new_tokens=4))
+    assert not any(_layouts(loaded.model).values())
+    engine.answer([draw_lesion()], "What is this?")
+    assert any(_layouts(loaded.model).values())
+
+
+def test_input_major_answers_equal_the_answers_as_loaded(tiny_model_dir, tiny_llava_dir):
+    for path in (tiny_model_dir, tiny_llava_dir):
+        loaded = load_model(path)
+        as_loaded = _answers(Engine(loaded, Settings.from_env(cpu_decode="as-loaded")))
+        assert not any(_layouts(loaded.model).values())
+        assert _answers(Engine(loaded, Settings.from_env(cpu_decode="input-major"))) == as_loaded
+
+
+@pytest.fixture(scope="module")
+def head_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter that also trains its own copy of the output head (modules_to_save, as refine's adapters do):
+    peft copies the head when it loads it, so a compiled head must not travel into the copy."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_model(tiny_model_dir).model,
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))  # the LoRA matrices start at zero: only the head changes the answers
+    out = tmp_path_factory.mktemp("head-adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_compiled_decode_gives_the_same_answers_for_the_base_and_an_adapter(tiny_model_dir, head_adapter_dir):
+    loaded = load_model(tiny_model_dir)
+    eager = Engine(loaded, Settings.from_env(cpu_decode="as-loaded"))
+    base = _answers(eager)
+    eager.add_adapter("v2", head_adapter_dir)
+    eager.use("v2")
+    adapted = _answers(eager, batch=False)  # alone: each batch shape is another compile (~15 s here)
+    assert adapted != base  # the adapter changes the answers, so the comparison below can fail
+
+    counters.clear()
+    compiled_loaded = load_model(tiny_model_dir)
+    compiled = Engine(compiled_loaded, Settings.from_env(cpu_decode="compiled"))
+    assert _answers(compiled) == base
+    assert counters["stats"]["unique_graphs"] > 0  # the decode steps did go through torch.compile
+    compiled.add_adapter("v2", head_adapter_dir)  # peft adds layers: the step recompiles with them
+    compiled.use("v2")
+    assert _answers(compiled, batch=False) == adapted
+    compiled.use("base")
+    assert _answers(compiled, batch=False) == base[:2]
+    tune_for_cpu(compiled_loaded.model, "input-major")  # back to eager
+    assert "forward" not in compiled_loaded.model.get_decoder().__dict__
+
+
+def test_an_unknown_mode_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="cpu_decode must be one of"):
+        tune_for_cpu(load_model(tiny_model_dir).model, "fast")
+
+
+def test_a_failed_compile_answers_eagerly_with_one_warning(tiny_model_dir, monkeypatch, caplog):
+    def no_compiler(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+        return run
+
+    monkeypatch.setattr("core.decode.torch.compile", no_compiler)
+    expected = _answers(Engine(load_model(tiny_model_dir), Settings.from_env(cpu_decode="as-loaded")))
+    with caplog.at_level("WARNING", logger="dermaloop.core"):
+        assert _answers(Engine(load_model(tiny_model_dir), Settings.from_env(cpu_decode="compiled"))) == expected
+    warnings = [r.getMessage() for r in caplog.records if "compiling failed" in r.getMessage()]
+    assert warnings and "No working C++ compiler found" in warnings[0] and "more" not in warnings[0]
+    assert len(warnings) == 2  # once per compiled module (decoder, head), not once per token
+
+
+def test_warm_up_compiles_before_any_answer(tiny_model_dir):
+    counters.clear()
+    engine = Engine(load_model(tiny_model_dir), Settings.from_env(cpu_decode="compiled"))
+    engine.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    _answers(engine)  # alone and batched: the shapes warm_up compiled
+    assert counters["stats"]["unique_graphs"] == graphs
+    counters.clear()
+    Engine(load_model(tiny_model_dir), Settings.from_env(cpu_decode="input-major")).warm_up()
+    assert counters["stats"]["unique_graphs"] == 0
