@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"| {f['prompt_tokens']} | {f['full_ttft']:.2f} | {f['features_ttft']:.2f} | {f['cached_ttft']:.3f} | "
                   f"{f['full_ttft'] / f['cached_ttft']:.1f}x | {f['same']} |  (target >= 20x)\n")
             print(f"(b) cache memory: {f['bytes'] / 2**20:.1f} MiB for one conversation of {f['reused']} reused + new tokens\n")
-        engine = Engine(load_model(path, device="cpu", image_splitting="off"), Settings())
+        engine = Engine(load_model(path, device="cpu", image_splitting="off"), Settings.from_env())  # DERMALOOP_CPU_DECODE=compiled
+        engine.warm_up()  # compiles, with cpu_decode compiled (as the app does at start)
         engine.answer([_lesion((640, 480))], "warm-up", generation=GenerationSettings(max_new_tokens=2))
-        print(f"(c) clinicians asking at once, {args.new_tokens} tokens each, image splitting off")
+        print(f"(c) clinicians asking at once, {args.new_tokens} tokens each, image splitting off, cpu_decode {engine.settings.cpu_decode}")
         print("| images encoded | clinicians | one at a time tokens/s | batched tokens/s | ratio | p50 time to first token s | p95 s |\n"
               "|---|---|---|---|---|---|---|")
         for uploaded in (False, True):

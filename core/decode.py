@@ -9,11 +9,12 @@ machines have (MKL 2024.2 inside torch 2.14.1, SmolVLM-256M's shapes, one thread
   torch is given (24 tokens/s);
 - input-major, the same values and shapes stored as the transpose of an `[in, out]` array: MKL
   streams those rows at ~22-28 GB/s (29 tokens/s, 1.2x). Prompt encoding (many rows) is unchanged;
-- compiled: the decoder's one-token step through `torch.compile` (inductor, max-autotune, frozen
-  weights): inductor packs each weight once and runs its own C++ GEMM kernel, fused with the small
-  ops around it (49 tokens/s, 2x). It costs a compile at the first answer of each batch shape
-  (~1-2 min on 2 cores, kept in inductor's disk cache for the next start), a compiled copy per
-  model version and batch shape, and a C++ compiler on the machine.
+- compiled: the decoder's and the head's one-token steps through `torch.compile` (inductor,
+  max-autotune, frozen weights): inductor packs each weight once and runs its own C++ GEMM kernel,
+  fused with the small ops around it (48 tokens/s, 2x), and batched steps read the packed weights
+  once for all rows. It costs a compile for one row and again for a batch, per model version (~1 min
+  each on 2 cores, at every start: frozen graphs are not kept in inductor's disk cache), and a C++
+  compiler on the machine. `Engine.warm_up` compiles before the first question.
 
 `Settings.cpu_decode` picks one (input-major by default); GPUs are left as loaded (cuBLAS reads both
 layouts at full speed; CUDA graphs are the GPU's answer to per-token overhead, docs/serving.md).
@@ -32,13 +33,20 @@ MODES = ("as-loaded", "input-major", "compiled")
 log = logging.getLogger("dermaloop.core")
 
 
+def _head(model: Any) -> Any | None:
+    """The output head, unless it is the input embeddings (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision tie them):
+    re-laid, token lookups would read strided rows; compiled, a frozen copy would double it."""
+    head = model.get_output_embeddings()
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    return None if head is None or any(id(p) in tied for p in head.parameters()) else head
+
+
 def _decode_linears(model: Any) -> list[torch.nn.Linear]:
     """The linear layers one decode step reads: the language model's and the output head's, not the
-    vision tower's (it runs once per image, compute-bound) and not a head tied to the input embeddings
-    (token lookups would then read a strided row)."""
-    tied = {id(p) for p in model.get_input_embeddings().parameters()}
-    modules = [*model.get_decoder().modules(), *model.get_output_embeddings().modules()]
-    return [m for m in modules if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point and id(m.weight) not in tied]
+    vision tower's (it runs once per image, compute-bound)."""
+    head = _head(model)
+    modules = [*model.get_decoder().modules(), *(head.modules() if head is not None else ())]
+    return [m for m in modules if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point]
 
 
 def _input_major(weight: torch.Tensor) -> bool:
@@ -97,10 +105,8 @@ def _eager(module: Any) -> None:
 
 
 def _compiled_modules(model: Any) -> list[Any]:
-    """The decoder, and the output head unless it is the input embeddings (a frozen copy would double it)."""
-    head = model.get_output_embeddings()
-    tied = head is None or any(p is q for p in head.parameters() for q in model.get_input_embeddings().parameters())
-    return [model.get_decoder(), *([] if tied else [head])]
+    head = _head(model)
+    return [model.get_decoder(), *([head] if head is not None else [])]
 
 
 def compile_decode(model: Any) -> None:

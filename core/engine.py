@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -183,6 +184,7 @@ class Engine:
         self.features_supported = self.info.model_type in FEATURE_FAMILIES
         self._vision_adapters: set[str] = set()  # adapters that change the vision tower or connector (own features)
         self._tuned_for: tuple[str, ...] | None = None  # the versions loaded when the CPU decode mode was applied
+        self._warm: set[str] = set()  # versions whose decode step `warm_up` compiled
 
     @classmethod
     def from_settings(cls, settings: Settings, *, adapter: str | Path | None = None, adapter_version: str = "adapter") -> "Engine":
@@ -233,6 +235,7 @@ class Engine:
         with self._lock:
             uncompile_decode(self.model)  # peft copies modules as they are; `_activate` compiles again
             self._tuned_for = None
+            self._warm.clear()  # new layers in every version's path: each compiles again
             try:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, hotswap=False)
             except (OSError, ValueError, RuntimeError) as e:
@@ -250,6 +253,7 @@ class Engine:
         with self._lock:
             self.model.delete_adapter(name)
             del self._versions[name]
+            self._warm.clear()
             self.kv_cache.drop_version(name)
             self.features.drop_weights(name)
             self._vision_adapters.discard(name)
@@ -347,9 +351,12 @@ class Engine:
     def warm_up(self) -> None:
         """With `cpu_decode: compiled` on CPU, compile the decode step now, alone and batched, for the default
         version (minutes on 2 cores; the app does it in the background at start), so no answer pays for it."""
-        if self.settings.cpu_decode != "compiled" or self.model.device.type != "cpu":
-            return
         version, threads = self.default_version, self._decode_threads()
+        if self.settings.cpu_decode != "compiled" or self.model.device.type != "cpu" or version in self._warm:
+            return
+        self._warm.add(version)
+        logging.getLogger("dermaloop.core").info("compiling the decode step of %s (cpu_decode compiled); questions asked "
+                                                 "meanwhile wait for it", version)
         kwargs = {**self._generate_kwargs(GenerationSettings(max_new_tokens=3)), "min_new_tokens": 3}  # a decode step, at least
         for rows in (1, 2):
             inputs = self._encode([[ChatTurn("Hello.")]] * rows)

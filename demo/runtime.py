@@ -122,6 +122,7 @@ class Runtime:
                 return self.engine.default_version
             self._ids[name] = vid
             log.info("now serving model version %s", name)
+            warm_up_in_background(self.engine)
             return name
 
     def _adapter_dir(self, adapter: str) -> Path:
@@ -368,10 +369,15 @@ def attach(
     runtime = Runtime(settings, engine, store, offline=offline, poll_s=options.poll_s, stream_fn=stream_fn, scheduler=scheduler,
                       notices=([OFFLINE_BANNER] if offline else []) + list(notices))
     runtime.sync(force=True, strict=True)
-    if isinstance(engine, Engine) and settings.cpu_decode == "compiled":
-        log.info("compiling the decode step in the background (cpu_decode compiled); questions asked meanwhile wait for it")
-        threading.Thread(target=engine.warm_up, name="dermaloop-warm-up", daemon=True).start()
+    warm_up_in_background(engine)  # returns at once where sync switched versions and started it already
     return runtime
+
+
+def warm_up_in_background(engine: Any) -> None:
+    """With `cpu_decode: compiled`, compile the served version's decode step now (at start, and after a
+    promotion changes the version), so that clinicians' answers do not pay for it."""
+    if isinstance(engine, Engine) and engine.settings.cpu_decode == "compiled":
+        threading.Thread(target=engine.warm_up, name="dermaloop-warm-up", daemon=True).start()
 
 
 def _register_adapter(s, engine: Engine, base_model: str, adapter: Path) -> None:

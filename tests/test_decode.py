@@ -7,6 +7,8 @@ Speed is measured by `python -m bench.engine` (c), never here.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -152,3 +154,26 @@ def test_warm_up_compiles_before_any_answer(tiny_model_dir):
     counters.clear()
     Engine(load_model(tiny_model_dir), Settings.from_env(cpu_decode="input-major")).warm_up()
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_the_app_compiles_at_start_and_after_a_promotion(tiny_model_dir, tiny_adapter_dir, store, monkeypatch):
+    """`warm_up` itself is tested above; here: the app calls it for the version it serves, then for a promoted one."""
+    from annotation_db import store as st
+    from demo.runtime import attach
+
+    calls: list[str] = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: calls.append(self.default_version))
+    settings = Settings.from_env(model=str(tiny_model_dir), cpu_decode="compiled")
+    runtime = attach(settings, Engine(load_model(tiny_model_dir), settings), store)
+
+    def called(version: str) -> bool:
+        deadline = time.monotonic() + 10
+        while version not in calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return version in calls
+
+    assert called("v1")
+    with store.session() as s:
+        v2 = st.register_version(s, base_model=settings.model, adapter_path=str(tiny_adapter_dir), parent_id=st.active_version(s).id)
+        st.promote(s, v2.id, reason="better on the held-out set")
+    assert runtime.sync(force=True) == "v2" and called("v2")
