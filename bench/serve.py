@@ -2,6 +2,8 @@
 
     python -m bench.serve            # SmolVLM-256M's real dimensions, random weights (~10 min on 2 cores)
     python -m bench.serve --quick    # the tiny test model (a minute)
+    DERMALOOP_CPU_DECODE=compiled python -m bench.serve --new-tokens 128 --skip-follow-up --skip-budget
+                                     # (c) with the compiled decode step and 128-token answers
 
 (a) a follow-up's time to first token, image splitting on: the conversation's cached keys/values
     (core/kv_cache.py) against encoding it again, and whether both give the same tokens (target >= 20x);

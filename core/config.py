@@ -126,8 +126,8 @@ class Settings:
                                      "OpenMP's spinning threads stall every small op (python -m bench.engine)", minimum=0)
     endpoint_timeout_s: float = opt(120.0, "seconds to wait for the server to answer or send the next chunk", minimum=1.0)
     cpu_decode: str = opt("input-major", "how the language model decodes on CPU (core/decode.py): as-loaded; input-major "
-                                         "(weights re-laid for MKL, 1.2x); compiled (torch.compile max-autotune, 2x, after a "
-                                         "1-2 min compile at the first answer of each batch shape and model version)",
+                                         "(weights re-laid for MKL, 1.2-1.3x); compiled (torch.compile max-autotune, 2x; the app "
+                                         "compiles at start and after a promotion, 1-2 min on 2 cores, more memory, needs g++)",
                           choices=("as-loaded", "input-major", "compiled"))
 
     @property
