@@ -12,9 +12,9 @@ machines have (MKL 2024.2 inside torch 2.14.1, SmolVLM-256M's shapes, one thread
 - compiled: the decoder's and the head's one-token steps through `torch.compile` (inductor,
   max-autotune, frozen weights): inductor packs each weight once and runs its own C++ GEMM kernel,
   fused with the small ops around it (48 tokens/s, 2x), and batched steps read the packed weights
-  once for all rows. It costs a compile for one row and again for a batch, per model version (~1 min
-  each on 2 cores, at every start: frozen graphs are not kept in inductor's disk cache), and a C++
-  compiler on the machine. `Engine.warm_up` compiles before the first question.
+  once for all rows. It costs a compile for one row and again for a batch (~1 min each on 2 cores, at
+  every start: frozen graphs are not kept in inductor's disk cache, and after every adapter added),
+  packed copies of the weights, and a C++ compiler. `Engine.warm_up` compiles before the first question.
 
 `Settings.cpu_decode` picks one (input-major by default); GPUs are left as loaded (cuBLAS reads both
 layouts at full speed; CUDA graphs are the GPU's answer to per-token overhead, docs/serving.md).
@@ -75,20 +75,24 @@ def _one_token_compiled(module: Any) -> None:
     if getattr(module, "_dermaloop_eager_forward", None) is not None:
         return
     eager = module.forward
-    compiled = torch.compile(eager, dynamic=True, options={"freezing": True, "max_autotune": True})
+    # fullgraph: one graph per call, so no resumed frame (a layer's forward, shared by every layer) can run
+    # with another module's weights, and a failure happens before any side effect on the KV cache.
+    compiled = torch.compile(eager, dynamic=True, fullgraph=True, options={"max_autotune": True})
     failed = False
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         nonlocal failed
         x = kwargs.get("inputs_embeds")
         x = kwargs.get("input_ids", args[0] if args else None) if x is None else x
-        if not failed and x is not None and x.shape[1] == 1 and torch.is_inference_mode_enabled():
+        # One token per row, contiguous: decode steps (a batch's last prompt positions, a strided slice,
+        # would compile another graph for one call per answer).
+        if not failed and x is not None and x.shape[1] == 1 and x.is_contiguous() and torch.is_inference_mode_enabled():
             try:
-                # Dynamo decides at trace time whether weights become constants (which inductor packs):
-                # the `freezing` option alone reaches inductor only after that.
-                with torch._dynamo.config.patch(prepare_freezing=True):
+                # Frozen weights (constants inductor packs). Dynamo reads the flag when it traces, so it is
+                # set around the call: `options={"freezing": True}` alone compiled MKL calls.
+                with torch._inductor.config.patch(freezing=True):
                     return compiled(*args, **kwargs)
-            except Exception as e:  # e.g. no C++ compiler on the machine: slower, never a failed answer
+            except Exception as e:  # no C++ compiler, a family that breaks the graph: slower, never a failed answer
                 failed = True
                 log.warning("cpu_decode compiled: compiling failed (%s); decoding eagerly from now on", str(e).splitlines()[0][:200])
         return eager(*args, **kwargs)
@@ -112,15 +116,20 @@ def _compiled_modules(model: Any) -> list[Any]:
 def compile_decode(model: Any) -> None:
     """Compile the decoder's and the head's one-token steps; prompts and training stay eager. Shapes are
     dynamic (one compile serves every conversation length); batch size 1 and larger batches compile once
-    each, and each model version once (an adapter changes the modules)."""
+    each, per thread count and model version."""
     for module in _compiled_modules(model):
         _one_token_compiled(module)
 
 
 def uncompile_decode(model: Any) -> None:
     """Back to eager; call before peft adds an adapter (it copies the head with what is on it)."""
-    for module in _compiled_modules(model):
+    compiled = [m for m in _compiled_modules(model) if "_dermaloop_eager_forward" in m.__dict__]
+    for module in compiled:
         _eager(module)
+    if compiled:
+        # Drop the compiled graphs and their packed weights: kept, every promotion would add a set, and
+        # dynamo's recompile limit per function would end in silent eager decoding after a few versions.
+        torch._dynamo.reset()
 
 
 def tune_for_cpu(model: Any, mode: str) -> None:

@@ -351,20 +351,20 @@ class Engine:
     def warm_up(self) -> None:
         """With `cpu_decode: compiled` on CPU, compile the decode step now, alone and batched, for the default
         version (minutes on 2 cores; the app does it in the background at start), so no answer pays for it."""
-        version, threads = self.default_version, self._decode_threads()
+        version = self.default_version
         if self.settings.cpu_decode != "compiled" or self.model.device.type != "cpu" or version in self._warm:
             return
         self._warm.add(version)
         logging.getLogger("dermaloop.core").info("compiling the decode step of %s (cpu_decode compiled); questions asked "
                                                  "meanwhile wait for it", version)
         kwargs = {**self._generate_kwargs(GenerationSettings(max_new_tokens=3)), "min_new_tokens": 3}  # a decode step, at least
+        image = Image.new("RGB", (64, 64), (200, 160, 140))  # with an image, as questions come: some families decode otherwise
+        questions = ["Hello.", "What is this lesion, and is it benign?"]  # unequal: a batch with padding, as real ones have
         for rows in (1, 2):
-            inputs = self._encode([[ChatTurn("Hello.")]] * rows)
-            # As an answer runs: the prompt on all threads, the decode steps on `cpu_decode_threads`.
-            criteria = StoppingCriteriaList([_FirstToken([], (lambda: torch.set_num_threads(threads)) if threads else None)])
-            with self._lock, torch.inference_mode(), _restore_threads():
+            inputs = self._encode([[ChatTurn(q, None, [image])] for q in questions[:rows]])
+            with self._lock, torch.inference_mode(), _restore_threads():  # threads as answers use them (a compile each)
                 self._activate(version)
-                self._generate(**self._model_inputs(inputs, version), **kwargs, stopping_criteria=criteria)
+                self._generate(**self._model_inputs(inputs, version), **kwargs, stopping_criteria=self._decode_on_threads())
 
     def _model_inputs(self, inputs: dict[str, Any], version: str, skip_rows: int = 0) -> dict[str, Any]:
         """What generate receives: the pixels replaced by the images' cached features where the family allows,
@@ -406,10 +406,7 @@ class Engine:
         conv: _Conv | None = None,
     ) -> Answer:
         first: list[float] = []
-        decode_threads = self._decode_threads()
-        # Decoding switches to `cpu_decode_threads` once the prompt is encoded (bench.engine (c) says why).
-        then = (lambda: torch.set_num_threads(decode_threads)) if decode_threads else None
-        criteria = StoppingCriteriaList([_FirstToken(first, then)] + ([_StopOnEvent(stop)] if stop else []))
+        criteria = self._decode_on_threads(first, *([_StopOnEvent(stop)] if stop else []))
         prompt_tokens = int(inputs["input_ids"].shape[1])
         with self._lock, torch.inference_mode(), _restore_threads():
             self._activate(version)
@@ -453,10 +450,11 @@ class Engine:
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
             inputs = self._encode([[r] for r in chunk])
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode(), _restore_threads():
                 self._activate(version)
                 start = time.perf_counter()
-                out = self._generate(**self._model_inputs(inputs, version), **self._generate_kwargs(gen))
+                out = self._generate(**self._model_inputs(inputs, version), **self._generate_kwargs(gen),
+                                     stopping_criteria=self._decode_on_threads())
                 latency = time.perf_counter() - start
             width = inputs["input_ids"].shape[1]
             answers += [
@@ -505,6 +503,13 @@ class Engine:
         out: dict[str, Any] = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         out["_images"] = images  # per prompt, in order: the feature cache's keys (`_model_inputs` takes them out)
         return out
+
+    def _decode_on_threads(self, first: list[float] | None = None, *more: StoppingCriteria) -> StoppingCriteriaList:
+        """Criteria that switch decoding to `cpu_decode_threads` once the prompt is encoded (bench.engine (c)
+        says why; call inside `_restore_threads`), record the first token's time in `first`, then `more`."""
+        threads = self._decode_threads()
+        then = (lambda: torch.set_num_threads(threads)) if threads else None
+        return StoppingCriteriaList([_FirstToken([] if first is None else first, then), *more])
 
     def _decode_threads(self) -> int:
         """Threads for the decode phase on CPU (0: leave torch's setting)."""

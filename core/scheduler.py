@@ -32,11 +32,11 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from core.config import GenerationSettings
-from core.engine import Answer, Engine, Handle, _FirstToken, _restore_threads
+from core.engine import Answer, Engine, Handle, _restore_threads
 from core.prompts import ChatTurn, ClinicalContext, check_question
 
 
@@ -242,13 +242,11 @@ class Scheduler:
         inputs = engine._encode([req.turns for req in batch])
         eos = engine.model.generation_config.eos_token_id
         streamer = _RowsStreamer(batch, set(eos if isinstance(eos, list) else [eos]))
-        threads = engine._decode_threads()
-        then = (lambda: torch.set_num_threads(threads)) if threads else None  # as Engine: decode on cpu_decode_threads
         with engine._lock, torch.inference_mode(), _restore_threads():
             engine._activate(batch[0].version)
             start = time.perf_counter()
             out = engine._generate(**engine._model_inputs(inputs, batch[0].version), **engine._generate_kwargs(batch[0].gen), streamer=streamer,
-                                   stopping_criteria=StoppingCriteriaList([_FirstToken([], then), _RowsStop(batch)]))
+                                   stopping_criteria=engine._decode_on_threads(None, _RowsStop(batch)))  # as Engine: decode threads
             latency = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         for row, req in enumerate(batch):
