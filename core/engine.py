@@ -183,7 +183,7 @@ class Engine:
         self.features = FeatureCache(self.settings.feature_cache_mb * 2**20)
         self.features_supported = self.info.model_type in FEATURE_FAMILIES
         self._vision_adapters: set[str] = set()  # adapters that change the vision tower or connector (own features)
-        self._tuned_for: tuple[str, ...] | None = None  # the versions loaded when the CPU decode mode was applied
+        self._tuned = False  # the CPU decode mode applied to the layers loaded now (core/decode.py)
         self._warm: set[str] = set()  # versions whose decode step `warm_up` compiled
 
     @classmethod
@@ -234,7 +234,7 @@ class Engine:
             raise InputError(f"version {name!r} is already loaded from another place")
         with self._lock:
             uncompile_decode(self.model)  # peft copies modules as they are; `_activate` compiles again
-            self._tuned_for = None
+            self._tuned = False
             self._warm.clear()  # new layers in every version's path: each compiles again
             try:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, hotswap=False)
@@ -253,6 +253,8 @@ class Engine:
         with self._lock:
             self.model.delete_adapter(name)
             del self._versions[name]
+            uncompile_decode(self.model)  # the graphs traced the deleted layers: dropped, compiled again on use
+            self._tuned = False
             self._warm.clear()
             self.kv_cache.drop_version(name)
             self.features.drop_weights(name)
@@ -266,9 +268,9 @@ class Engine:
 
     def _activate(self, name: str) -> None:
         """Point the model at `name` (called with the lock held)."""
-        if self._tuned_for != tuple(self._versions):  # adapters add layers: tune those too (core/decode.py)
+        if not self._tuned:  # at the first answer, and after adapters change the layers (core/decode.py)
             tune_for_cpu(self.model, self.settings.cpu_decode)
-            self._tuned_for = tuple(self._versions)
+            self._tuned = True
         adapter = self._versions[name]
         if not getattr(self.model, "_hf_peft_config_loaded", False):
             assert adapter is None

@@ -82,9 +82,9 @@ def shot(page, name: str) -> None:
 
 
 @contextlib.contextmanager
-def shots_on_failure(app: App, label: str):
-    """Run a browser flow against `app`: every open page is screenshotted if it fails, and the pages
-    are forgotten and the app closed either way."""
+def shots_on_failure(app: App | None, label: str):
+    """Run a browser flow: every open page is screenshotted if it fails, and the pages are forgotten and
+    `app` (if given: a fixture closes its own) closed either way."""
     try:
         yield
     except Exception:
@@ -93,18 +93,13 @@ def shots_on_failure(app: App, label: str):
         raise
     finally:
         PAGES.clear()
-        app.close()
+        if app is not None:
+            app.close()
 
 
 def test_ask_rate_review_insights_and_roles(app, browser):
-    try:
+    with shots_on_failure(None, "flow"):
         flow(app, browser)
-    except Exception:
-        for i, page in enumerate(PAGES):
-            shot(page, f"failure-{i}")
-        raise
-    finally:
-        PAGES.clear()
 
 
 def flow(app: App, browser) -> None:
